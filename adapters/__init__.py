@@ -1,0 +1,1 @@
+# pi_backend.adapters: integrations with serving stacks (installed from the repository's adapters/ folder)

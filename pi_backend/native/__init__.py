@@ -1,0 +1,335 @@
+"""Thin, validating wrappers over the cffi-bound CPU kernels (pi_backend/native/include/pi_backend.h).
+
+Every wrapper checks dtype, shape, contiguity and index ranges and raises TypeError / ValueError naming
+the argument before anything crosses into C; the C side checks again and its error codes surface as
+NativeError. Constants (types, activation kinds, error codes) are read from the compiled header.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pi_backend.native._pi_native import ffi, lib
+
+# ---- constants, from the header
+TYPE_F32, TYPE_F16, TYPE_BF16 = lib.PI_TYPE_F32, lib.PI_TYPE_F16, lib.PI_TYPE_BF16
+TYPE_Q8_0, TYPE_Q4_0 = lib.PI_TYPE_Q8_0, lib.PI_TYPE_Q4_0
+TYPE_NAMES = {TYPE_F32: "F32", TYPE_F16: "F16", TYPE_BF16: "BF16", TYPE_Q8_0: "Q8_0", TYPE_Q4_0: "Q4_0"}
+ACTIVATIONS = {
+    "reglu": lib.PI_ACT_REGLU,
+    "drelu": lib.PI_ACT_DRELU,
+    "relu": lib.PI_ACT_RELU,
+    "swiglu": lib.PI_ACT_SWIGLU,
+    "geglu": lib.PI_ACT_GEGLU,
+}
+ISAS = {"scalar": lib.PI_ISA_SCALAR, "avx2": lib.PI_ISA_AVX2, "avx512": lib.PI_ISA_AVX512}
+BLOCK_SIZE = {TYPE_Q8_0: lib.PI_QK8_0, TYPE_Q4_0: lib.PI_QK4_0}
+# the numpy dtype a plain (unquantized) type is viewed as
+_PLAIN_DTYPES = {TYPE_F32: np.dtype(np.float32), TYPE_F16: np.dtype(np.float16), TYPE_BF16: np.dtype(np.uint16)}
+
+
+class NativeError(ValueError):
+    """A kernel refused its arguments (the C side's own check)."""
+
+    def __init__(self, func: str, code: int):
+        self.code = code
+        super().__init__(f"{func}: {ffi.string(lib.pi_strerror(code)).decode()} (code {code})")
+
+
+def _check(func: str, code: int) -> None:
+    if code != lib.PI_OK:
+        raise NativeError(func, code)
+
+
+# ---- library state
+
+def available_isas() -> list[str]:
+    """The instruction-set variants this CPU and build can run, lowest first."""
+    return [name for name, isa in ISAS.items() if lib.pi_isa_supported(isa)]
+
+
+def set_isa(name: str) -> None:
+    if name not in ISAS:
+        raise ValueError(f"isa: unknown instruction set {name!r}; expected one of {sorted(ISAS)}")
+    if not lib.pi_isa_supported(ISAS[name]):
+        raise ValueError(f"isa: {name!r} is not supported on this CPU (available: {available_isas()})")
+    _check("pi_set_isa", lib.pi_set_isa(ISAS[name]))
+
+
+def set_num_threads(n: int) -> None:
+    """Default thread count of every kernel call that passes n_threads=0."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= lib.PI_MAX_THREADS:
+        raise ValueError(f"n: thread count must be an int in [1, {lib.PI_MAX_THREADS}], got {n!r}")
+    _check("pi_set_num_threads", lib.pi_set_num_threads(int(n)))
+
+
+def get_num_threads() -> int:
+    return lib.pi_get_num_threads()
+
+
+def info() -> dict:
+    active = lib.pi_isa_active()
+    return {
+        "isa": ffi.string(lib.pi_isa_name(active)).decode(),
+        "available_isas": available_isas(),
+        "num_threads": lib.pi_get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "forced_by_env": os.environ.get("PI_BACKEND_ISA"),
+    }
+
+
+def row_bytes(wtype: int, cols: int) -> int:
+    n = lib.pi_type_row_bytes(wtype, cols)
+    if n < 0:
+        raise ValueError(f"cols: {cols} is not a valid row length for type {TYPE_NAMES.get(wtype, wtype)}")
+    return n
+
+
+# ---- weight matrices
+
+@dataclass(frozen=True, eq=False)
+class Matrix:
+    """A [rows, cols] weight matrix in one of the kernel types, viewing (not copying) `buffer`.
+
+    `buffer` is any C-contiguous numpy array holding the bytes (a GGUF memmap slice, a float16 array,
+    raw Q4_0 blocks as uint8). The cffi descriptor is built once and keeps the buffer alive.
+    """
+
+    buffer: np.ndarray
+    wtype: int
+    rows: int
+    cols: int
+    row_stride: int
+
+    def __init__(self, buffer: np.ndarray, wtype: int, rows: int, cols: int, row_stride: int | None = None):
+        if not isinstance(buffer, np.ndarray):
+            raise TypeError(f"buffer: expected a numpy array, got {type(buffer).__name__}")
+        if wtype not in TYPE_NAMES:
+            raise ValueError(f"wtype: unsupported weight type {wtype!r}; supported: {sorted(TYPE_NAMES.values())}")
+        if not buffer.flags.c_contiguous:
+            raise ValueError("buffer: must be C-contiguous")
+        for name, v in (("rows", rows), ("cols", cols)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name}: must be a positive int, got {v!r}")
+        rb = row_bytes(wtype, int(cols))
+        stride = rb if row_stride is None else int(row_stride)
+        if stride < rb:
+            raise ValueError(f"row_stride: {stride} is less than one row ({rb} bytes)")
+        need = (int(rows) - 1) * stride + rb
+        if buffer.nbytes < need:
+            raise ValueError(f"buffer: {buffer.nbytes} bytes cannot hold {rows}x{cols} {TYPE_NAMES[wtype]} ({need} bytes)")
+        object.__setattr__(self, "buffer", buffer)
+        object.__setattr__(self, "wtype", int(wtype))
+        object.__setattr__(self, "rows", int(rows))
+        object.__setattr__(self, "cols", int(cols))
+        object.__setattr__(self, "row_stride", stride)
+        desc = ffi.new("pi_matrix *")
+        desc.data = ffi.from_buffer(buffer)
+        desc.data_bytes = buffer.nbytes
+        desc.rows, desc.cols, desc.row_stride, desc.type = int(rows), int(cols), stride, int(wtype)
+        object.__setattr__(self, "_desc", desc)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> "Matrix":
+        """A 2-D float32 / float16 array as an F32 / F16 matrix."""
+        a = _require(a, "a", (np.float32, np.float16), ndim=2)
+        return cls(a, TYPE_F32 if a.dtype == np.float32 else TYPE_F16, a.shape[0], a.shape[1])
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES[self.wtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * row_bytes(self.wtype, self.cols)
+
+    def __repr__(self) -> str:
+        return f"Matrix({self.rows}x{self.cols} {self.type_name})"
+
+
+def _require(a, name: str, dtypes, ndim=None, writable=False) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{name}: expected dtype {'/'.join(np.dtype(d).name for d in dtypes)}, got {a.dtype}")
+    if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name}: expected {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name}: must be writable")
+    return a
+
+
+def _tokens(x, name: str, width: int) -> tuple[np.ndarray, int]:
+    """x as [n_tok, width] float32; 1-D means one token."""
+    x = _require(x, name, np.float32, ndim=(1, 2))
+    if x.shape[-1] != width:
+        raise ValueError(f"{name}: last dimension {x.shape[-1]} != {width}")
+    n_tok = 1 if x.ndim == 1 else x.shape[0]
+    if n_tok == 0:
+        raise ValueError(f"{name}: no tokens")
+    return x, n_tok
+
+
+def _indices(idx, name: str, rows: int) -> np.ndarray:
+    idx = _require(idx, name, np.int32, ndim=1)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows):
+        bad = idx[(idx < 0) | (idx >= rows)][0]
+        raise ValueError(f"{name}: index {int(bad)} outside [0, {rows})")
+    return idx
+
+
+def _out(out, name: str, shape: tuple, zero: bool = False) -> np.ndarray:
+    if out is None:
+        return np.zeros(shape, np.float32) if zero else np.empty(shape, np.float32)
+    out = _require(out, name, np.float32, writable=True)
+    if out.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
+    return out
+
+
+def _matrix(m, name: str) -> Matrix:
+    if not isinstance(m, Matrix):
+        raise TypeError(f"{name}: expected pi_backend.native.Matrix, got {type(m).__name__}")
+    return m
+
+
+def _f(a: np.ndarray, ctype: str = "float *"):
+    return ffi.cast(ctype, ffi.from_buffer(a)) if a.size else ffi.NULL
+
+
+def _threads(n_threads: int) -> int:
+    if not isinstance(n_threads, (int, np.integer)) or not 0 <= n_threads <= lib.PI_MAX_THREADS:
+        raise ValueError(f"n_threads: must be an int in [0, {lib.PI_MAX_THREADS}] (0 = default), got {n_threads!r}")
+    return int(n_threads)
+
+
+# ---- ops
+
+def gemm(W: Matrix, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 0) -> np.ndarray:
+    """y = x @ W.T for x [n_tok, cols] (or [cols]); weights read once for all tokens."""
+    W = _matrix(W, "W")
+    x, n_tok = _tokens(x, "x", W.cols)
+    y = _out(out, "out", x.shape[:-1] + (W.rows,))
+    _check("pi_gemm", lib.pi_gemm(W._desc, _f(x), n_tok, _f(y), _threads(n_threads)))
+    return y
+
+
+def sparse_rows(W: Matrix, idx: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+                n_threads: int = 0) -> np.ndarray:
+    """y[..., k] = W[idx[k]] . x: only the listed rows are read."""
+    W = _matrix(W, "W")
+    idx = _indices(idx, "idx", W.rows)
+    x, n_tok = _tokens(x, "x", W.cols)
+    y = _out(out, "out", x.shape[:-1] + (idx.size,))
+    if idx.size:
+        _check("pi_sparse_gemm_rows", lib.pi_sparse_gemm_rows(
+            W._desc, _f(idx, "int32_t *"), idx.size, _f(x), n_tok, _f(y), _threads(n_threads)))
+    return y
+
+
+def sparse_axpy(Wt: Matrix, idx: np.ndarray, h: np.ndarray, y: np.ndarray, n_threads: int = 0) -> np.ndarray:
+    """y[t] += sum_k h[t, k] * Wt[idx[k]] in place (Wt: the transposed down matrix, [n_ff, n_embd])."""
+    Wt = _matrix(Wt, "Wt")
+    idx = _indices(idx, "idx", Wt.rows)
+    h, n_tok = _tokens(h, "h", idx.size) if idx.size else (h, 1 if np.ndim(h) <= 1 else len(h))
+    y = _require(y, "y", np.float32, ndim=(1, 2), writable=True)
+    if y.shape != h.shape[:-1] + (Wt.cols,):
+        raise ValueError(f"y: expected shape {h.shape[:-1] + (Wt.cols,)}, got {y.shape}")
+    if idx.size:
+        _check("pi_sparse_axpy_rows", lib.pi_sparse_axpy_rows(
+            Wt._desc, _f(idx, "int32_t *"), idx.size, _f(h), n_tok, _f(y), _threads(n_threads)))
+    return y
+
+
+def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, idx: np.ndarray,
+               act: str = "reglu", out: np.ndarray | None = None, accumulate: bool = False,
+               skip_threshold: float = 0.0, n_threads: int = 0, return_skipped: bool = False):
+    """One layer's FFN over the neurons in idx (a set), with no n_ff-sized intermediate.
+
+    act: reglu | drelu | relu (no gate: pass gate=None) | swiglu | geglu. Neurons whose activation is
+    <= skip_threshold in magnitude for every token are skipped and their up/down rows never read.
+    Returns y [n_tok, n_embd] (and the number of skipped neurons if return_skipped).
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+    up, down_t = _matrix(up, "up"), _matrix(down_t, "down_t")
+    if act == "relu":
+        if gate is not None:
+            raise ValueError("gate: must be None for act='relu' (no gate)")
+    else:
+        gate = _matrix(gate, "gate")
+        if (gate.rows, gate.cols) != (up.rows, up.cols):
+            raise ValueError(f"gate: shape {gate.rows}x{gate.cols} != up {up.rows}x{up.cols}")
+    if (down_t.rows, down_t.cols) != (up.rows, up.cols):
+        raise ValueError(f"down_t: shape {down_t.rows}x{down_t.cols} != up {up.rows}x{up.cols} (pass W_down transposed)")
+    idx = _indices(idx, "idx", up.rows)
+    if idx.size != np.unique(idx).size:
+        raise ValueError("idx: the active set must not repeat a neuron")
+    if not (isinstance(skip_threshold, (int, float, np.floating)) and skip_threshold >= 0):
+        raise ValueError(f"skip_threshold: must be a number >= 0, got {skip_threshold!r}")
+    x, n_tok = _tokens(x, "x", up.cols)
+    shape = x.shape[:-1] + (up.cols,)
+    y = _out(out, "out", shape)
+    skipped = ffi.new("int64_t *")
+    _check("pi_sparse_ffn", lib.pi_sparse_ffn(
+        gate._desc if gate is not None else ffi.NULL, up._desc, down_t._desc, ACTIVATIONS[act],
+        _f(idx, "int32_t *"), idx.size, _f(x), n_tok, _f(y), int(bool(accumulate)), float(skip_threshold),
+        skipped, _threads(n_threads)))
+    return (y, int(skipped[0])) if return_skipped else y
+
+
+def predict(fc1: Matrix, fc2: Matrix, x: np.ndarray, threshold: float = 0.0, n_threads: int = 0) -> np.ndarray:
+    """Sorted active set: neurons with fc2 . relu(fc1 . x[t]) >= threshold for any token t."""
+    fc1, fc2 = _matrix(fc1, "fc1"), _matrix(fc2, "fc2")
+    if fc2.cols != fc1.rows:
+        raise ValueError(f"fc2: has {fc2.cols} columns but fc1 has rank {fc1.rows}")
+    threshold = float(threshold)
+    if threshold != threshold:
+        raise ValueError("threshold: NaN")
+    x, n_tok = _tokens(x, "x", fc1.cols)
+    idx = np.empty(fc2.rows, np.int32)
+    n = ffi.new("int64_t *")
+    _check("pi_predict", lib.pi_predict(fc1._desc, fc2._desc, _f(x), n_tok, threshold,
+                                        _f(idx, "int32_t *"), idx.size, n, _threads(n_threads)))
+    return idx[: n[0]].copy()
+
+
+def dequantize_rows(W: Matrix, idx: np.ndarray | None = None) -> np.ndarray:
+    """Rows of W as float32 (all rows when idx is None)."""
+    W = _matrix(W, "W")
+    if idx is None:
+        out = np.empty((W.rows, W.cols), np.float32)
+        _check("pi_dequantize_rows", lib.pi_dequantize_rows(W._desc, ffi.NULL, W.rows, _f(out)))
+        return out
+    idx = _indices(idx, "idx", W.rows)
+    out = np.empty((idx.size, W.cols), np.float32)
+    if idx.size:
+        _check("pi_dequantize_rows", lib.pi_dequantize_rows(W._desc, _f(idx, "int32_t *"), idx.size, _f(out)))
+    return out
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    w = _require(w, "w", np.float32, ndim=1)
+    x, n_tok = _tokens(x, "x", w.size)
+    y = _out(out, "out", x.shape)
+    _check("pi_rmsnorm", lib.pi_rmsnorm(_f(x), _f(w), n_tok, w.size, float(eps), _f(y)))
+    return y
+
+
+def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float, neox: bool = False) -> np.ndarray:
+    """Rotary embedding in place on x [n_tok, n_heads, head_dim] at positions pos [n_tok]."""
+    x = _require(x, "x", np.float32, ndim=3, writable=True)
+    pos = _require(pos, "pos", np.int32, ndim=1)
+    n_tok, n_heads, head_dim = x.shape
+    if pos.size != n_tok:
+        raise ValueError(f"pos: {pos.size} positions for {n_tok} tokens")
+    if not 0 < n_rot <= head_dim or n_rot % 2:
+        raise ValueError(f"n_rot: must be even and in (0, {head_dim}], got {n_rot}")
+    _check("pi_rope", lib.pi_rope(_f(x), _f(pos, "int32_t *"), n_tok, n_heads, head_dim, int(n_rot),
+                                  float(freq_base), int(bool(neox))))
+    return x

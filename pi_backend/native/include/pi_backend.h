@@ -1,0 +1,168 @@
+/*
+ * pi_backend.h — the one C API of pi_backend's kernels.
+ *
+ * This header is the single source of truth: the cffi build (pi_backend/native/build_cffi.py) reads
+ * the declarations between the PI_CDEF markers, and Python reads every constant from here through
+ * the compiled module. The CUDA and HIP libraries implement the device section with the same
+ * signatures plus a stream.
+ *
+ * Conventions
+ * - Weight matrices are row-major [rows, cols] in a GGML/GGUF type (F32, F16, BF16, Q8_0, Q4_0, with
+ *   GGUF's block layouts); one row = one neuron for gate/up, and for down stored transposed
+ *   (`ffn_down_t`), so every sparse op reads whole rows.
+ * - Activations are F32, [n_tok, n] row-major and contiguous.
+ * - Index lists are int32. Every kernel checks every index and every size it is given and returns an
+ *   error code instead of reading out of bounds.
+ * - n_threads: 0 means the global setting (pi_set_num_threads); the pool never spins while idle.
+ */
+#ifndef PI_BACKEND_H
+#define PI_BACKEND_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* PI_CDEF_BEGIN: from here to the closing marker, cffi reads the declarations (and #define values) */
+
+/* weight types: GGML's numbering, so GGUF tensor types map one to one */
+#define PI_TYPE_F32 0
+#define PI_TYPE_F16 1
+#define PI_TYPE_Q4_0 2
+#define PI_TYPE_Q8_0 8
+#define PI_TYPE_BF16 30
+
+/* GGUF block layouts: Q8_0 = {f16 d; int8 qs[32]}, Q4_0 = {f16 d; uint8 qs[16]}, value = d * q
+ * (Q4_0: element j < 16 is qs[j] & 15, element j + 16 is qs[j] >> 4, both minus 8) */
+#define PI_QK8_0 32
+#define PI_QK4_0 32
+#define PI_BLOCK_BYTES_Q8_0 34
+#define PI_BLOCK_BYTES_Q4_0 18
+
+/* FFN activation kinds */
+#define PI_ACT_REGLU 0   /* h = relu(gate.x) * (up.x)        ReluLLaMA, ProSparse */
+#define PI_ACT_DRELU 1   /* h = relu(gate.x) * relu(up.x)  Bamboo, TurboSparse */
+#define PI_ACT_RELU 2    /* h = relu(up.x), no gate          Falcon-ReLU, OPT */
+#define PI_ACT_SWIGLU 3  /* h = silu(gate.x) * (up.x)        LLaMA/Mistral (dense or threshold) */
+#define PI_ACT_GEGLU 4   /* h = gelu_tanh(gate.x) * (up.x) */
+
+/* instruction-set variants of the CPU kernels */
+#define PI_ISA_SCALAR 0
+#define PI_ISA_AVX2 1
+#define PI_ISA_AVX512 2
+
+/* error codes (0 = success); pi_strerror names them */
+#define PI_OK 0
+#define PI_ERR_NULL -1        /* a required pointer is NULL */
+#define PI_ERR_SHAPE -2       /* sizes disagree, are negative, or overflow */
+#define PI_ERR_TYPE -3        /* unsupported weight type or activation kind */
+#define PI_ERR_INDEX -4       /* an index is outside [0, rows) */
+#define PI_ERR_DUPLICATE -5   /* an index list that must be a set repeats an index */
+#define PI_ERR_BOUNDS -6      /* a matrix would be read past the end of its buffer */
+#define PI_ERR_NOMEM -7       /* allocation failed */
+#define PI_ERR_ISA -8         /* the requested instruction set is not supported here */
+#define PI_ERR_CAPACITY -9    /* an output buffer is too small */
+#define PI_ERR_ALIGN -10      /* quantized cols not a multiple of the block size */
+#define PI_ERR_DEVICE -11     /* a device (CUDA/HIP) call failed */
+
+/* A weight matrix: a view of rows x cols elements in `type`, rows `row_stride` bytes apart, inside a
+ * buffer of `data_bytes` bytes starting at `data`. The kernels refuse a view that would read past
+ * data + data_bytes. */
+typedef struct pi_matrix {
+    const void *data;
+    int64_t data_bytes;
+    int64_t rows;
+    int64_t cols;
+    int64_t row_stride;
+    int32_t type;
+} pi_matrix;
+
+/* ---- library state ---- */
+const char *pi_strerror(int code);
+int pi_isa_supported(int isa);           /* 1 if this CPU (and build) can run it */
+int pi_isa_active(void);                 /* the variant in use */
+int pi_set_isa(int isa);                 /* select a supported variant (tests, PI_BACKEND_ISA) */
+const char *pi_isa_name(int isa);
+int pi_set_num_threads(int n);           /* global default for n_threads == 0; 1..PI_MAX_THREADS */
+int pi_get_num_threads(void);
+#define PI_MAX_THREADS 64
+int64_t pi_type_row_bytes(int32_t type, int64_t cols);  /* bytes of one row, < 0 on error */
+
+/* ---- dense ---- */
+/* y[t, r] = sum_c W[r, c] * x[t, c] for all rows r; x [n_tok, W.cols], y [n_tok, W.rows] */
+int pi_gemm(const pi_matrix *W, const float *x, int64_t n_tok, float *y, int n_threads);
+
+/* rows of W as F32: out[k, :] = W[idx[k], :] (embedding lookup, tests) */
+int pi_dequantize_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx, float *out);
+
+/* ---- sparse ---- */
+/* y[t, k] = W[idx[k], :] . x[t, :]; y [n_tok, n_idx]; indices may repeat */
+int pi_sparse_gemm_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx,
+                        const float *x, int64_t n_tok, float *y, int n_threads);
+
+/* y[t, :] += sum_k h[t, k] * Wt[idx[k], :]; Wt is the transposed down matrix [n_ff, n_embd],
+ * h [n_tok, n_idx], y [n_tok, Wt.cols]; a repeated index contributes once per occurrence */
+int pi_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
+                        const float *h, int64_t n_tok, float *y, int n_threads);
+
+/* One layer's FFN over the neurons in idx (a set: duplicates are refused), without an n_ff-sized
+ * intermediate: for each neuron i in idx and token t
+ *   a = act(gate[i] . x[t]) (or up[i] . x[t] for PI_ACT_RELU, gate may be NULL), h = a * up-part,
+ *   y[t] += h * down_t[i]
+ * Neurons whose |h| <= skip_threshold for every token are skipped: their remaining rows are never
+ * read (exact zeros for ReLU models; the TEAL/CATS cut for SiLU models when > 0).
+ * accumulate = 0 overwrites y, 1 adds into it. If n_skipped is not NULL it receives the number of
+ * listed neurons that were skipped. */
+int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t,
+                  int32_t act, const int32_t *idx, int64_t n_idx,
+                  const float *x, int64_t n_tok, float *y, int32_t accumulate,
+                  float skip_threshold, int64_t *n_skipped, int n_threads);
+
+/* The predictor: logits[t] = fc2 . relu(fc1 . x[t]); neuron i is active if logits[t, i] >= threshold
+ * for any token t. Writes the active set, sorted ascending, to idx_out (capacity fc2.rows) and its
+ * size to n_out. fc1 [rank, n_embd], fc2 [n_ff, rank]. */
+int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok,
+               float threshold, int32_t *idx_out, int64_t capacity, int64_t *n_out, int n_threads);
+
+/* ---- small helpers ---- */
+/* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w; in place allowed */
+int pi_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float eps, float *y);
+/* rotary embedding in place on x [n_tok, n_heads, head_dim] at positions pos[n_tok];
+ * neox = 0: adjacent pairs (Meta / GGUF llama layout), 1: halves (NeoX / HF layout) */
+int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+            int64_t n_rot, float freq_base, int32_t neox);
+
+/* PI_CDEF_END */
+
+/* ---- device entry points (pi_backend/native/cuda, pi_backend/native/hip) ----
+ * Same semantics as the CPU functions above, on device memory: every pointer (matrix data, x, y,
+ * idx) is a device pointer, `stream` is a cudaStream_t / hipStream_t (NULL = default stream), and
+ * the call is asynchronous on that stream. Index lists are checked on the device; a bad index sets
+ * an error flag that pi_dev_sync() reports as PI_ERR_INDEX. */
+/* PI_DEVICE_CDEF_BEGIN */
+int pi_dev_available(void);
+const char *pi_dev_name(void);
+int pi_dev_sync(void *stream);
+int pi_dev_malloc(void **ptr, int64_t bytes);
+int pi_dev_free(void *ptr);
+int pi_dev_memcpy_h2d(void *dst, const void *src, int64_t bytes, void *stream);
+int pi_dev_memcpy_d2h(void *dst, const void *src, int64_t bytes, void *stream);
+int pi_dev_mem_info(int64_t *free_bytes, int64_t *total_bytes);
+int pi_dev_gemm(const pi_matrix *W, const float *x, int64_t n_tok, float *y, void *stream);
+int pi_dev_sparse_gemm_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx,
+                            const float *x, int64_t n_tok, float *y, void *stream);
+int pi_dev_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
+                            const float *h, int64_t n_tok, float *y, void *stream);
+int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t,
+                      int32_t act, const int32_t *idx, int64_t n_idx,
+                      const float *x, int64_t n_tok, float *y, int32_t accumulate, void *stream);
+int pi_dev_predict_logits(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok,
+                          float *logits, void *stream);
+/* PI_DEVICE_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PI_BACKEND_H */

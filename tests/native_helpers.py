@@ -1,0 +1,41 @@
+"""Weight matrices for kernel tests, quantized and dequantized by the `gguf` package itself (the
+independent reference for GGUF's block layouts)."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+from gguf import quants
+
+from pi_backend import native
+
+GGUF_TYPE = {
+    native.TYPE_F32: GT.F32,
+    native.TYPE_F16: GT.F16,
+    native.TYPE_BF16: GT.BF16,
+    native.TYPE_Q8_0: GT.Q8_0,
+    native.TYPE_Q4_0: GT.Q4_0,
+}
+ALL_TYPES = list(GGUF_TYPE)
+
+
+def make_matrix(rng: np.random.Generator, rows: int, cols: int, wtype: int, scale: float = 1.0):
+    """(Matrix, its exact float32 values as gguf dequantizes them)."""
+    dense = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+    if wtype == native.TYPE_F32:
+        return native.Matrix(dense, wtype, rows, cols), dense
+    raw = np.ascontiguousarray(quants.quantize(dense, GGUF_TYPE[wtype]))
+    ref = quants.dequantize(raw, GGUF_TYPE[wtype]).astype(np.float32).reshape(rows, cols)
+    return native.Matrix(raw, wtype, rows, cols), ref
+
+
+def valid_cols(wtype: int, cols: int) -> int:
+    """Quantized rows must be whole 32-element blocks."""
+    return cols if wtype in (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16) else max(32, cols // 32 * 32)
+
+
+def assert_close(actual, expected, rtol=2e-5):
+    """Float32 sums in a different order: compare against the magnitude of the result."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale * 50)

@@ -1,0 +1,202 @@
+"""Every CPU kernel x weight type x ISA variant against numpy, on values dequantized by `gguf`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi_backend import native
+from tests.native_helpers import ALL_TYPES, assert_close, make_matrix, valid_cols
+
+TYPE_IDS = [native.TYPE_NAMES[t] for t in ALL_TYPES]
+
+
+def relu(v):
+    return np.maximum(v, 0)
+
+
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def gelu_tanh(v):
+    return 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))
+
+
+def ffn_reference(act, g_ref, u_ref, d_ref, x, idx):
+    """Dense numpy FFN restricted to the neurons in idx (float64)."""
+    x64 = x.astype(np.float64)
+    u = x64 @ u_ref[idx].T.astype(np.float64)
+    if act == "relu":
+        h = relu(u)
+    else:
+        g = x64 @ g_ref[idx].T.astype(np.float64)
+        a = {"reglu": relu, "drelu": relu, "swiglu": silu, "geglu": gelu_tanh}[act](g)
+        h = a * (relu(u) if act == "drelu" else u)
+    return h @ d_ref[idx].astype(np.float64)
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("rows,cols", [(37, 96), (8, 67), (1, 32), (130, 257)])
+@pytest.mark.parametrize("n_tok", [1, 3, 17])
+def test_gemm_matches_numpy(isa, wtype, rows, cols, n_tok):
+    rng = np.random.default_rng(rows * 1000 + cols + n_tok)
+    cols = valid_cols(wtype, cols)
+    W, ref = make_matrix(rng, rows, cols, wtype)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    assert_close(native.gemm(W, x), x.astype(np.float64) @ ref.T.astype(np.float64))
+    assert_close(native.gemm(W, x[0]), x[0].astype(np.float64) @ ref.T.astype(np.float64))
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("n_tok", [1, 5])
+def test_sparse_rows_reads_only_listed_rows(isa, wtype, n_tok):
+    rng = np.random.default_rng(7)
+    rows, cols = 200, valid_cols(wtype, 160)
+    W, ref = make_matrix(rng, rows, cols, wtype)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    for idx in (np.array([], np.int32), np.array([5, 5, 199, 0, 17], np.int32),
+                np.arange(rows, dtype=np.int32), rng.choice(rows, 23, replace=False).astype(np.int32)):
+        y = native.sparse_rows(W, idx, x)
+        assert y.shape == (n_tok, idx.size)
+        assert_close(y, x.astype(np.float64) @ ref[idx].T.astype(np.float64))
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("n_tok", [1, 4])
+@pytest.mark.parametrize("cols", [512, 96, 1056])
+def test_sparse_axpy_accumulates_rows(isa, wtype, n_tok, cols):
+    rng = np.random.default_rng(cols + n_tok)
+    rows = 300
+    cols = valid_cols(wtype, cols)
+    Wt, ref = make_matrix(rng, rows, cols, wtype)
+    idx = np.array([3, 250, 3, 7, 299, 0], np.int32)  # a repeated index counts once per occurrence
+    h = rng.standard_normal((n_tok, idx.size)).astype(np.float32)
+    h[:, 1] = 0.0  # zero weights are skipped, not read
+    y0 = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    y = native.sparse_axpy(Wt, idx, h, y0.copy())
+    assert_close(y, y0 + h.astype(np.float64) @ ref[idx].astype(np.float64))
+    same = native.sparse_axpy(Wt, np.array([], np.int32), np.zeros((n_tok, 0), np.float32), y0.copy())
+    np.testing.assert_array_equal(same, y0)
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("act", ["reglu", "drelu", "relu", "swiglu", "geglu"])
+@pytest.mark.parametrize("n_tok", [1, 6])
+def test_sparse_ffn_matches_dense_reference(isa, wtype, act, n_tok):
+    rng = np.random.default_rng(11 + n_tok)
+    n_ff, n_embd = 256, valid_cols(wtype, 128)
+    gate, g_ref = make_matrix(rng, n_ff, n_embd, wtype, 0.2)
+    up, u_ref = make_matrix(rng, n_ff, n_embd, wtype, 0.2)
+    down, d_ref = make_matrix(rng, n_ff, n_embd, wtype, 0.2)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    g = None if act == "relu" else gate
+    for idx in (np.arange(n_ff, dtype=np.int32), np.sort(rng.choice(n_ff, 40, replace=False)).astype(np.int32),
+                np.array([200, 3, 77], np.int32)):
+        y = native.sparse_ffn(g, up, down, x, idx, act=act)
+        assert_close(y, ffn_reference(act, g_ref, u_ref, d_ref, x, idx), rtol=5e-5)
+    # the empty set contributes nothing; accumulate adds onto what is there
+    y0 = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    np.testing.assert_array_equal(native.sparse_ffn(g, up, down, x, np.array([], np.int32), act=act,
+                                                    out=y0.copy(), accumulate=True), y0)
+    idx = np.arange(0, n_ff, 3, dtype=np.int32)
+    y = native.sparse_ffn(g, up, down, x, idx, act=act, out=y0.copy(), accumulate=True)
+    assert_close(y, y0 + ffn_reference(act, g_ref, u_ref, d_ref, x, idx), rtol=5e-5)
+
+
+def test_relu_ffn_skips_neurons_that_do_not_fire(isa):
+    """Oracle-exactness: for ReLU models, reading only the neurons that fire gives the dense result,
+    and neurons listed but silent are counted as skipped (their up/down rows are never read)."""
+    rng = np.random.default_rng(3)
+    n_ff, n_embd = 512, 64
+    gate, g_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    up, u_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    down, d_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    x = rng.standard_normal(n_embd).astype(np.float32)
+    all_idx = np.arange(n_ff, dtype=np.int32)
+    dense, skipped = native.sparse_ffn(gate, up, down, x, all_idx, return_skipped=True)
+    firing = np.flatnonzero(x @ g_ref.T > 0).astype(np.int32)
+    assert skipped == n_ff - firing.size
+    np.testing.assert_array_equal(native.sparse_ffn(gate, up, down, x, firing), dense)
+
+
+def test_swiglu_skip_threshold_is_the_cats_cut(isa):
+    rng = np.random.default_rng(4)
+    n_ff, n_embd = 300, 64
+    gate, g_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    up, u_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    down, d_ref = make_matrix(rng, n_ff, n_embd, native.TYPE_F32)
+    x = rng.standard_normal((1, n_embd)).astype(np.float32)
+    a = silu(x.astype(np.float64) @ g_ref.T)[0]
+    thr = float(np.quantile(np.abs(a), 0.6))
+    keep = np.flatnonzero(np.abs(a) > thr).astype(np.int32)
+    y, skipped = native.sparse_ffn(gate, up, down, x, np.arange(n_ff, dtype=np.int32), act="swiglu",
+                                   skip_threshold=thr, return_skipped=True)
+    assert skipped == n_ff - keep.size
+    assert_close(y, ffn_reference("swiglu", g_ref, u_ref, d_ref, x, keep), rtol=5e-5)
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_predictor_matches_numpy(isa, wtype, n_tok):
+    rng = np.random.default_rng(21)
+    n_embd, rank, n_ff = valid_cols(wtype, 96), 32, 500
+    fc1, f1 = make_matrix(rng, rank, n_embd, wtype, 0.3)
+    fc2, f2 = make_matrix(rng, n_ff, rank, wtype, 0.3)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    logits = relu(x.astype(np.float64) @ f1.T) @ f2.T
+    for thr in (0.0, 1.5, -1.0):
+        got = native.predict(fc1, fc2, x, thr)
+        want = np.flatnonzero((logits >= thr).any(axis=0))
+        # values within float noise of the threshold may land either side
+        near = np.flatnonzero(np.abs(logits - thr).min(axis=0) < 1e-3 * max(1, np.abs(logits).max()))
+        assert set(got) ^ set(want) <= set(near)
+        assert np.all(np.diff(got) > 0)
+
+
+def test_results_do_not_depend_on_thread_count(isa):
+    rng = np.random.default_rng(5)
+    n_ff, n_embd = 1024, 512
+    mats = [make_matrix(rng, n_ff, n_embd, native.TYPE_Q4_0)[0] for _ in range(3)]
+    x = rng.standard_normal((3, n_embd)).astype(np.float32)
+    idx = np.sort(rng.choice(n_ff, 300, replace=False)).astype(np.int32)
+    outs = [native.sparse_ffn(*mats, x, idx, n_threads=n) for n in (1, 2, 3)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    g = [native.gemm(mats[0], x, n_threads=n) for n in (1, 2)]
+    np.testing.assert_array_equal(g[0], g[1])
+
+
+def test_rmsnorm_and_rope_match_numpy():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    assert_close(native.rmsnorm(x, w, 1e-5), want)
+
+    n_tok, n_heads, hd = 4, 3, 16
+    q = rng.standard_normal((n_tok, n_heads, hd)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100], np.int32)
+    for neox in (False, True):
+        got = native.rope(q.copy(), pos, hd, 10000.0, neox=neox)
+        inv = 10000.0 ** (-np.arange(0, hd, 2) / hd)
+        ang = pos[:, None] * inv[None, :]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        if neox:
+            a, b = q[..., : hd // 2], q[..., hd // 2:]
+            want = np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+        else:
+            a, b = q[..., 0::2], q[..., 1::2]
+            want = np.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(q.shape)
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_isa_selection_and_info():
+    info = native.info()
+    assert info["isa"] in info["available_isas"]
+    assert "scalar" in native.available_isas()
+    with pytest.raises(ValueError, match="isa"):
+        native.set_isa("sse9")
+    native.set_num_threads(2)
+    assert native.get_num_threads() == 2
+    with pytest.raises(ValueError, match="n"):
+        native.set_num_threads(0)
