@@ -65,6 +65,18 @@ def set_num_threads(n: int) -> None:
     _check("pi_set_num_threads", lib.pi_set_num_threads(int(n)))
 
 
+def _default_threads() -> int:
+    """PI_BACKEND_THREADS if set (read by the C side at start-up), else the CPUs this process may use."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), lib.PI_MAX_THREADS))
+    except AttributeError:  # not Linux
+        return max(1, min(os.cpu_count() or 1, lib.PI_MAX_THREADS))
+
+
+if not os.environ.get("PI_BACKEND_THREADS"):
+    set_num_threads(_default_threads())
+
+
 def get_num_threads() -> int:
     return lib.pi_get_num_threads()
 
