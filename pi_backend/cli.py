@@ -1,0 +1,112 @@
+"""`pi-backend` command line: generate text, inspect a model, and the model tools."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+BUILTIN_MODELS = ("tiny-relu.powerinfer.gguf", "tiny-relu.gguf")
+DEFAULT_PROMPT = "The Python interpreter"
+
+
+def builtin_model() -> Path:
+    """The small trained ReLU model shipped with the package (see pi_backend/data/README.md)."""
+    for name in BUILTIN_MODELS:
+        if (DATA / name).is_file():
+            return DATA / name
+    raise SystemExit(f"no built-in model found in {DATA}; pass -m MODEL")
+
+
+def _engine_options(args) -> dict:
+    opts = {"n_threads": args.threads, "n_ctx": args.ctx}
+    for key in ("mode", "threshold", "ffn_act", "vram_budget"):
+        if getattr(args, key, None) is not None:
+            opts[key] = getattr(args, key)
+    return opts
+
+
+def cmd_generate(args) -> int:
+    from pi_backend.engine.model import load
+
+    path = Path(args.model) if args.model else builtin_model()
+    model = load(path, **_engine_options(args))
+    if args.vram_budget is not None:
+        print(f"[pi-backend] --vram-budget {args.vram_budget} GiB: no GPU backend is available on this machine, "
+              "running every partition on the CPU", file=sys.stderr)
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = model.generate(prompt, max_tokens=args.n_predict, on_text=emit, temperature=args.temp,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sys.stdout.write("\n")
+    layers = " ".join(f"{1 - c:.0%}" for c in res.per_layer_computed)
+    print(f"\n[pi-backend] model {path.name} ({model.config.arch}, {model.config.ffn_act}, mode {model.mode}, "
+          f"{model.n_threads or 'default'} threads)\n"
+          f"[pi-backend] prefill {res.n_prompt} tokens: {res.prefill_tps:.1f} tok/s | "
+          f"decode {len(res.tokens)} tokens: {res.decode_tps:.1f} tok/s\n"
+          f"[pi-backend] FFN sparsity {1 - res.ffn_computed_fraction:.1%} of neurons not computed "
+          f"(predicted/listed {res.ffn_listed_fraction:.1%}); per layer: {layers}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from pi_backend import native
+    from pi_backend.model.config import ModelConfig
+    from pi_backend.model.gguf_file import GGUFFile
+
+    print(f"native: {native.info()}")
+    if args.model:
+        with GGUFFile.open(args.model) as g:
+            cfg = ModelConfig.from_gguf(g, ffn_act=args.ffn_act)
+            print(f"file: {args.model} magic {g.magic} version {g.version}, {len(g.tensors)} tensors")
+            for k, v in cfg.__dict__.items():
+                print(f"  {k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pi-backend", description="PowerInfer-style sparse-FFN inference")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("-m", "--model", help="GGUF or PowerInfer GGUF file (default: the built-in small model)")
+    g.add_argument("-p", "--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all this process may use)")
+    g.add_argument("-c", "--ctx", type=int, default=2048, help="context length (KV cache)")
+    g.add_argument("--mode", choices=("sparse", "dense", "oracle", "threshold"),
+                   help="FFN mode (default: sparse with a predictor, oracle for ReLU files without, else dense)")
+    g.add_argument("--threshold", type=float, help="override the predictor / threshold-mode cut for every layer")
+    g.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"),
+                   help="FFN activation, for dense ReLU GGUFs whose metadata does not say (PowerInfer's convert-dense.py)")
+    g.add_argument("--vram-budget", type=float, help="GiB of GPU memory for hot neurons")
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="the native library and, with -m, a model's configuration")
+    i.add_argument("-m", "--model")
+    i.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"))
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
+        print(f"pi-backend: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One layer's FFN as PowerInfer organises it: an active-set rule, then hot and cold partitions, each
+computed by its executor, whose partial outputs are summed.
+
+Active-set rules (mode):
+  sparse    the layer's predictor fc2 . relu(fc1 . ffn_inp) >= threshold (default for PowerInfer GGUF)
+  oracle    every neuron is listed and the kernel skips those whose ReLU gate is zero: the exact active
+            set, identical to dense for ReLU models (for tests and recall measurements)
+  dense     every neuron computed
+  threshold SiLU models without a predictor (TEAL/CATS): neurons whose |silu(gate)| is below a
+            per-layer threshold are skipped, their up/down rows never read
+
+Executors: on a CPU-only machine both partitions run on the CPU pool, so the split and the merge are
+exercised everywhere; a GPU executor (native/cuda) takes the hot partition where one is present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pi_backend import native
+from pi_backend.engine.weights import LayerWeights
+
+MODES = ("sparse", "dense", "oracle", "threshold")
+RELU_FAMILY = ("reglu", "drelu", "relu")
+
+
+class CpuExecutor:
+    """Computes the listed neurons of a layer on the native CPU thread pool."""
+
+    name = "cpu"
+
+    def __init__(self, n_threads: int = 0):
+        self.n_threads = n_threads
+
+    def run(self, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray, out: np.ndarray,
+            accumulate: bool, skip_threshold: float) -> int:
+        """out (+)= FFN over idx; returns how many listed neurons did not fire."""
+        _, skipped = native.sparse_ffn(lw.gate, lw.up, lw.down_t, x, idx, act=act, out=out,
+                                       accumulate=accumulate, skip_threshold=skip_threshold,
+                                       n_threads=self.n_threads, return_skipped=True)
+        return skipped
+
+
+@dataclass
+class FFNStats:
+    """Counters over all calls of one layer: how many neurons were listed and how many computed."""
+
+    n_ff: int
+    calls: int = 0
+    listed: int = 0    # neurons the rule listed (predicted active), summed over calls
+    computed: int = 0  # neurons whose up/down rows were read
+    hot_listed: int = 0
+
+    @property
+    def computed_fraction(self) -> float:
+        return self.computed / max(1, self.calls * self.n_ff)
+
+    @property
+    def listed_fraction(self) -> float:
+        return self.listed / max(1, self.calls * self.n_ff)
+
+
+@dataclass
+class SparseFFN:
+    layer: int
+    weights: LayerWeights
+    act: str
+    mode: str
+    threshold: float              # predictor threshold (sparse) or |activation| cut (threshold mode)
+    hot_mask: np.ndarray | None   # bool [n_ff]: neurons of the hot partition
+    hot: CpuExecutor
+    cold: CpuExecutor
+    stats: FFNStats = field(init=False)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown FFN mode {self.mode!r}; expected one of {MODES}")
+        n_ff = self.weights.up.rows
+        if self.mode == "sparse" and self.weights.fc1 is None:
+            raise ValueError(f"mode 'sparse': layer {self.layer} has no predictor (blk.{self.layer}.fc1/fc2); "
+                             "use a PowerInfer GGUF, or mode 'oracle' / 'dense' / 'threshold'")
+        if self.mode in ("sparse", "oracle") and self.act not in RELU_FAMILY:
+            raise ValueError(f"mode {self.mode!r} needs a ReLU-family FFN, this model uses {self.act!r}: "
+                             "use mode 'threshold' (TEAL/CATS-style) or 'dense'")
+        if self.hot_mask is not None and self.hot_mask.shape != (n_ff,):
+            raise ValueError(f"hot_mask: layer {self.layer} expects {n_ff} entries, got {self.hot_mask.shape}")
+        self.all_neurons = np.arange(n_ff, dtype=np.int32)
+        self.stats = FFNStats(n_ff)
+
+    def active_set(self, ffn_inp: np.ndarray) -> np.ndarray:
+        if self.mode == "sparse":
+            return native.predict(self.weights.fc1, self.weights.fc2, ffn_inp, self.threshold,
+                                  n_threads=self.cold.n_threads)
+        return self.all_neurons
+
+    def __call__(self, ffn_inp: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """ffn_inp: the residual stream before the FFN norm (the predictor's input); x: after it."""
+        idx = self.active_set(ffn_inp)
+        skip = self.threshold if self.mode == "threshold" else 0.0
+        y = np.empty_like(x)
+        if self.weights.down_t is None:
+            computed = self._dense_down(idx, x, y)
+        elif self.hot_mask is None:
+            computed = idx.size - self.cold.run(self.weights, self.act, idx, x, y, False, skip)
+        else:
+            in_hot = self.hot_mask[idx]
+            hot_idx, cold_idx = idx[in_hot], idx[~in_hot]
+            computed = hot_idx.size - self.hot.run(self.weights, self.act, hot_idx, x, y, False, skip)
+            computed += cold_idx.size - self.cold.run(self.weights, self.act, cold_idx, x, y, True, skip)
+            self.stats.hot_listed += hot_idx.size
+        self.stats.calls += 1
+        self.stats.listed += idx.size
+        self.stats.computed += computed
+        return y
+
+    def _dense_down(self, idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
+        """Plain GGUF keeps W_down as [n_embd, n_ff]: its columns cannot be read sparsely, so gate/up
+        are sparse and the down projection is a dense GEMV over the scattered activations. (Convert
+        to PowerInfer GGUF, which stores ffn_down_t, for a sparse down projection.)"""
+        w, n_threads = self.weights, self.cold.n_threads
+        u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
+        if self.act == "relu":
+            h = np.maximum(u, 0)
+        else:
+            g = native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
+            if self.act == "swiglu":
+                a = g / (1 + np.exp(-g))
+                if self.mode == "threshold":
+                    a[np.abs(a) <= self.threshold] = 0
+            else:
+                a = np.maximum(g, 0)
+            h = a * (np.maximum(u, 0) if self.act == "drelu" else u)
+        full = np.zeros(x.shape[:-1] + (w.up.rows,), np.float32)
+        full[..., idx] = h
+        native.gemm(w.down, full, out=y, n_threads=n_threads)
+        return int(np.count_nonzero(np.any(h.reshape(-1, idx.size) != 0, axis=0)))

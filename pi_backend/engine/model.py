@@ -1,0 +1,277 @@
+"""The transformer, in one readable pass (llama2.c's shape: config, weights, run state, forward).
+
+Weights are zero-copy views of the GGUF file; every matrix product runs in the native kernels; attention
+over the KV cache is numpy (it is small next to the weights at these sequence lengths). The FFN of each
+layer is a SparseFFN (ffn.py): active-set rule, hot and cold partitions, executors.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from pi_backend import native
+from pi_backend.engine.ffn import MODES, RELU_FAMILY, CpuExecutor, SparseFFN
+from pi_backend.engine.weights import Weights, load_weights
+from pi_backend.model.config import ModelConfig
+from pi_backend.model.gguf_file import GGUFFile
+
+
+@dataclass
+class EngineOptions:
+    mode: str | None = None            # sparse | dense | oracle | threshold; None: the file's natural mode
+    n_threads: int = 0                 # 0: pi_backend's default (the CPUs this process may use)
+    n_ctx: int = 2048                  # KV cache length
+    ffn_act: str | None = None         # override the FFN activation (dense ReLU files from PowerInfer's tools)
+    threshold: float | None = None     # override every layer's predictor / threshold-mode cut
+    thresholds: Sequence[float] | None = None  # per-layer override
+    hot_neurons: Sequence[np.ndarray] | None = None  # per-layer hot index sets (placement output)
+    vram_budget: float | None = None   # GiB for the GPU partition (CPU-only machines: ignored, reported)
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode: unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.n_ctx < 1:
+            raise ValueError(f"n_ctx: must be >= 1, got {self.n_ctx}")
+
+
+def default_mode(cfg: ModelConfig) -> str:
+    if cfg.has_predictors and cfg.ffn_act in RELU_FAMILY:
+        return "sparse"
+    if cfg.ffn_act in RELU_FAMILY:
+        return "oracle"  # exact and free for ReLU models: silent neurons are skipped in the kernel
+    return "dense"
+
+
+@dataclass
+class RunState:
+    """The KV cache and how much of it is filled."""
+
+    k: np.ndarray  # [n_layer, n_ctx, n_head_kv, head_dim]
+    v: np.ndarray
+    n_past: int = 0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    n_prompt: int
+    prefill_seconds: float
+    decode_seconds: float
+    ffn_computed_fraction: float
+    ffn_listed_fraction: float
+    per_layer_computed: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.n_prompt / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+    @property
+    def decode_tps(self) -> float:
+        n = len(self.tokens) - 1  # the first generated token comes from the prefill's logits
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else float("nan")
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike, **options):
+        self.options = EngineOptions(**options)
+        self.path = os.fspath(path)
+        self.gguf = GGUFFile.open(self.path)
+        try:
+            self.config = ModelConfig.from_gguf(self.gguf, ffn_act=self.options.ffn_act)
+            self.weights: Weights = load_weights(self.gguf, self.config)
+        except Exception:
+            self.gguf.close()
+            raise
+        cfg = self.config
+        self.mode = self.options.mode or default_mode(cfg)
+        self.n_ctx = min(self.options.n_ctx, cfg.n_ctx_train) if cfg.n_ctx_train else self.options.n_ctx
+        self.n_threads = self.options.n_threads
+        cold = CpuExecutor(self.n_threads)
+        hot = CpuExecutor(self.n_threads)  # stands in for the GPU executor on a CPU-only machine
+        self.ffn = [SparseFFN(i, lw, cfg.ffn_act, self.mode, self._layer_threshold(i),
+                              self._hot_mask(i), hot, cold)
+                    for i, lw in enumerate(self.weights.layers)]
+        shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        self.state = RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        self._tokenizer = None
+
+    # ---- set-up helpers
+    def _layer_threshold(self, i: int) -> float:
+        o = self.options
+        if o.thresholds is not None:
+            if len(o.thresholds) != self.config.n_layer:
+                raise ValueError(f"thresholds: {len(o.thresholds)} values for {self.config.n_layer} layers")
+            return float(o.thresholds[i])
+        if o.threshold is not None:
+            return float(o.threshold)
+        if self.mode == "threshold" and self.config.layer_sparse_thresholds is None:
+            raise ValueError("mode 'threshold' needs per-layer thresholds: pass threshold= / thresholds=, or "
+                             "calibrate them with `pi-backend calibrate-threshold`")
+        return self.config.threshold(i)
+
+    def _hot_mask(self, i: int) -> np.ndarray | None:
+        if self.options.hot_neurons is None:
+            return None
+        idx = np.asarray(self.options.hot_neurons[i], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.n_ff):
+            raise ValueError(f"hot_neurons: layer {i} names a neuron outside [0, {self.config.n_ff})")
+        mask = np.zeros(self.config.n_ff, bool)
+        mask[idx] = True
+        return mask
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from pi_backend.engine.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_gguf(self.gguf)
+        return self._tokenizer
+
+    @property
+    def n_vocab(self) -> int:
+        return self.weights.output.rows
+
+    @property
+    def n_past(self) -> int:
+        return self.state.n_past
+
+    def reset(self) -> None:
+        self.state.n_past = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions of the KV cache (prefix reuse, rollback)."""
+        if not 0 <= n <= self.state.n_past:
+            raise ValueError(f"n: cannot keep {n} of {self.state.n_past} cached positions")
+        self.state.n_past = n
+
+    def close(self) -> None:
+        self.gguf.close()
+
+    # ---- the forward pass
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions n_past.. and append them to the KV cache.
+        Returns logits [len(tokens), n_vocab] if all_logits else [1, n_vocab] for the last token."""
+        cfg, w, st = self.config, self.weights, self.state
+        ids = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        T = ids.size
+        if T == 0:
+            raise ValueError("tokens: empty")
+        if ids.min() < 0 or ids.max() >= w.token_embd.rows:
+            raise ValueError(f"tokens: id outside [0, {w.token_embd.rows})")
+        if st.n_past + T > self.n_ctx:
+            raise ValueError(f"tokens: {st.n_past} cached + {T} new exceeds the context of {self.n_ctx}")
+        pos = np.arange(st.n_past, st.n_past + T, dtype=np.int32)
+        nt = self.n_threads
+        x = native.dequantize_rows(w.token_embd, ids)  # the residual stream [T, n_embd]
+        for li, lw in enumerate(w.layers):
+            h = native.rmsnorm(x, lw.attn_norm, cfg.norm_eps)
+            q = native.gemm(lw.wq, h, n_threads=nt).reshape(T, cfg.n_head, cfg.head_dim)
+            k = native.gemm(lw.wk, h, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
+            v = native.gemm(lw.wv, h, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
+            native.rope(q, pos, cfg.rope_dim, cfg.rope_freq_base)
+            native.rope(k, pos, cfg.rope_dim, cfg.rope_freq_base)
+            st.k[li, pos] = k
+            st.v[li, pos] = v
+            att = self._attention(q, st.k[li, : st.n_past + T], st.v[li, : st.n_past + T], st.n_past)
+            x = x + native.gemm(lw.wo, att, n_threads=nt)
+            ffn_in = native.rmsnorm(x, lw.ffn_norm, cfg.norm_eps)
+            x = x + self.ffn[li](x, ffn_in)
+        st.n_past += T
+        last = x if all_logits else x[-1:]
+        return native.gemm(w.output, native.rmsnorm(np.ascontiguousarray(last), w.output_norm, cfg.norm_eps),
+                           n_threads=nt)
+
+    def _attention(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, n_past: int) -> np.ndarray:
+        """Causal grouped-query attention of q [T, n_head, d] over K, V [S, n_head_kv, d]."""
+        cfg = self.config
+        T, S, d = q.shape[0], K.shape[0], cfg.head_dim
+        group = cfg.n_head // cfg.n_head_kv
+        qg = q.reshape(T, cfg.n_head_kv, group, d).transpose(1, 2, 0, 3).reshape(cfg.n_head_kv, group * T, d)
+        scores = qg @ K.transpose(1, 2, 0) * np.float32(1.0 / np.sqrt(d))  # [kv, group*T, S]
+        if T > 1:  # token t sees positions <= n_past + t
+            visible = np.arange(S)[None, :] <= (n_past + np.arange(T))[:, None]
+            scores = np.where(np.tile(visible, (group, 1))[None], scores, np.float32(-np.inf))
+        scores -= scores.max(-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(-1, keepdims=True)
+        out = p @ V.transpose(1, 0, 2)  # [kv, group*T, d]
+        return np.ascontiguousarray(out.reshape(cfg.n_head_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, -1))
+
+    # ---- generation
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 40, top_p: float = 0.95, seed: int | None = None,
+               stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield generated token ids (greedy at temperature 0). Starts from an empty cache."""
+        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rng = np.random.default_rng(seed)
+        self.reset()
+        logits = self.forward(tokens)[-1]
+        for _ in range(max_tokens):
+            tok = sample(logits, temperature, top_k, top_p, rng)
+            yield tok
+            if stop_at_eos and self._tokenizer is not None and tok == self._tokenizer.eos:
+                return
+            if self.state.n_past >= self.n_ctx:
+                return
+            logits = self.forward([tok])[-1]
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64,
+                 on_text: Callable[[str], None] | None = None, **sampling) -> GenerationResult:
+        """Generate, timing prefill and decode separately and measuring the FFN's sparsity."""
+        prompt_tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        for f in self.ffn:
+            f.stats.calls = f.stats.listed = f.stats.computed = f.stats.hot_listed = 0
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        printed = b""
+        for tok in self.stream(prompt_tokens, max_tokens, **sampling):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(tok)
+            if on_text is not None:  # emit only whole UTF-8 characters
+                data = self.tokenizer.decode_bytes(out)
+                try:
+                    text = data.decode("utf-8")
+                    on_text(text[len(printed.decode("utf-8")):])
+                    printed = data
+                except UnicodeDecodeError:
+                    pass
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        stats = [f.stats for f in self.ffn]
+        total = sum(s.calls * s.n_ff for s in stats) or 1
+        return GenerationResult(
+            tokens=out, text=self.tokenizer.decode(out), n_prompt=len(prompt_tokens),
+            prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
+            ffn_computed_fraction=sum(s.computed for s in stats) / total,
+            ffn_listed_fraction=sum(s.listed for s in stats) / total,
+            per_layer_computed=[s.computed_fraction for s in stats])
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < top_p
+        mask = np.zeros_like(p, bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def load(path: str | os.PathLike, **options) -> Model:
+    """Open a GGUF or PowerInfer GGUF model. Options: see EngineOptions."""
+    return Model(path, **options)

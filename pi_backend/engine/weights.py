@@ -1,0 +1,88 @@
+"""A model's weights as zero-copy kernel views of the memory-mapped GGUF file.
+
+Big matrices are never copied: each becomes a native.Matrix over its bytes in the file's one memmap, so
+a 7B Q4_0 model costs its file size in page cache and nothing more. Only the small 1-D norm weights are
+copied to float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pi_backend import native
+from pi_backend.model.config import ModelConfig
+from pi_backend.model.gguf_file import GGUFError, GGUFFile
+
+KERNEL_TYPES = {native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16, native.TYPE_Q8_0, native.TYPE_Q4_0}
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    wq: native.Matrix
+    wk: native.Matrix
+    wv: native.Matrix
+    wo: native.Matrix
+    ffn_norm: np.ndarray
+    gate: native.Matrix | None   # None for ungated ReLU FFNs
+    up: native.Matrix
+    down_t: native.Matrix | None  # neuron-major W_down (PowerInfer's ffn_down_t): sparse down reads
+    down: native.Matrix | None    # W_down as plain GGUF stores it [n_embd, n_ff]: dense down only
+    fc1: native.Matrix | None     # predictor [rank, n_embd]
+    fc2: native.Matrix | None     # predictor [n_ff, rank]
+
+
+@dataclass
+class Weights:
+    token_embd: native.Matrix
+    output_norm: np.ndarray
+    output: native.Matrix
+    layers: list[LayerWeights]
+
+
+def matrix(gguf: GGUFFile, name: str) -> native.Matrix:
+    info = gguf.tensor(name)
+    if info.ggml_type not in KERNEL_TYPES:
+        raise GGUFError(gguf.path, f"tensor {name!r} has type {info.type_name}, which pi_backend does not run "
+                                   f"(supported: F32, F16, BF16, Q8_0, Q4_0)")
+    if len(info.shape) != 2:
+        raise GGUFError(gguf.path, f"tensor {name!r} has shape {info.shape}, expected a matrix")
+    rows, cols = info.shape
+    return native.Matrix(info.raw, info.ggml_type, rows, cols)
+
+
+def vector(gguf: GGUFFile, name: str) -> np.ndarray:
+    return np.ascontiguousarray(gguf.dequantize(name), dtype=np.float32)
+
+
+def load_weights(gguf: GGUFFile, cfg: ModelConfig) -> Weights:
+    """Views of every tensor the config names (ModelConfig.validate_tensors has checked the shapes)."""
+    if cfg.arch not in ("llama", "bamboo"):
+        raise GGUFError(gguf.path, f"architecture {cfg.arch!r} is not supported by the engine yet "
+                                   "(supported: llama, bamboo)")
+    opt = lambda name: matrix(gguf, name) if name in gguf.tensors else None  # noqa: E731
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        layers.append(LayerWeights(
+            attn_norm=vector(gguf, p + "attn_norm.weight"),
+            wq=matrix(gguf, p + "attn_q.weight"),
+            wk=matrix(gguf, p + "attn_k.weight"),
+            wv=matrix(gguf, p + "attn_v.weight"),
+            wo=matrix(gguf, p + "attn_output.weight"),
+            ffn_norm=vector(gguf, p + "ffn_norm.weight"),
+            gate=opt(p + "ffn_gate.weight") if cfg.is_gated else None,
+            up=matrix(gguf, p + "ffn_up.weight"),
+            down_t=opt(p + "ffn_down_t.weight"),
+            down=opt(p + "ffn_down.weight"),
+            fc1=opt(p + "fc1.weight"),
+            fc2=opt(p + "fc2.weight"),
+        ))
+    output = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
+    return Weights(
+        token_embd=matrix(gguf, "token_embd.weight"),
+        output_norm=vector(gguf, "output_norm.weight"),
+        output=matrix(gguf, output),
+        layers=layers,
+    )
