@@ -99,8 +99,8 @@ class SparseFFN:
         idx = self.active_set(ffn_inp)
         skip = self.threshold if self.mode == "threshold" else 0.0
         y = np.empty_like(x)
-        if self.weights.down_t is None:
-            computed = self._dense_down(idx, x, y)
+        if self.weights.down_t is None or self.mode == "dense":
+            computed = self._explicit(idx, x, y)
         elif self.hot_mask is None:
             computed = idx.size - self.cold.run(self.weights, self.act, idx, x, y, False, skip)
         else:
@@ -114,10 +114,13 @@ class SparseFFN:
         self.stats.computed += computed
         return y
 
-    def _dense_down(self, idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
-        """Plain GGUF keeps W_down as [n_embd, n_ff]: its columns cannot be read sparsely, so gate/up
-        are sparse and the down projection is a dense GEMV over the scattered activations. (Convert
-        to PowerInfer GGUF, which stores ffn_down_t, for a sparse down projection.)"""
+    def _explicit(self, idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
+        """Gate and up rows of idx, the activation in numpy, then the down projection.
+
+        Dense mode takes this path on purpose: every listed neuron is computed, nothing skipped, so it
+        is an independent check of the fused kernel's skipping. Plain GGUF keeps W_down as
+        [n_embd, n_ff], whose columns cannot be read sparsely: the down projection is then a dense
+        GEMV over the scattered activations (PowerInfer GGUF stores ffn_down_t for a sparse one)."""
         w, n_threads = self.weights, self.cold.n_threads
         u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
         if self.act == "relu":
@@ -131,7 +134,12 @@ class SparseFFN:
             else:
                 a = np.maximum(g, 0)
             h = a * (np.maximum(u, 0) if self.act == "drelu" else u)
-        full = np.zeros(x.shape[:-1] + (w.up.rows,), np.float32)
-        full[..., idx] = h
-        native.gemm(w.down, full, out=y, n_threads=n_threads)
-        return int(np.count_nonzero(np.any(h.reshape(-1, idx.size) != 0, axis=0)))
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        if w.down_t is not None:
+            y[...] = 0
+            native.sparse_axpy(w.down_t, idx, h, y, n_threads=n_threads)
+        else:
+            full = np.zeros(x.shape[:-1] + (w.up.rows,), np.float32)
+            full[..., idx] = h
+            native.gemm(w.down, full, out=y, n_threads=n_threads)
+        return idx.size  # every listed neuron's gate and up rows were read

@@ -1,0 +1,147 @@
+"""The engine against independent references: llama.cpp's logits and greedy tokens on the same files,
+and its own modes against each other (oracle sparse == dense on ReLU models)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pi_backend
+from pi_backend.model.factory import write_llama_model
+from pi_backend.model.gguf_file import GGUFError
+from tests import llama_ref
+
+# Tolerances, relative to the spread (std) of the logits. llama.cpp keeps its KV cache in f16 (measured
+# here: 1.9e-3 on the F32 file, where everything else is f32), rounds activations to f16 before F16
+# matrix products (3.8e-3 on the F16 file) and to 8-bit blocks before Q8_0/Q4_0 ones.
+LOGIT_TOL = {"f32": 5e-3, "f16": 1e-2, "q8_0": 0.15, "q4_0": 0.15}
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+@pytest.fixture(scope="module")
+def silu_models(tmp_path_factory):
+    """One SiLU llama model, written in F32 by our fixture code, quantized by llama.cpp itself."""
+    d = tmp_path_factory.mktemp("silu")
+    src = write_llama_model(d / "f32.gguf", n_embd=128, n_ff=320, n_layer=2, n_head=4, n_head_kv=2,
+                            ffn_act="swiglu", weight_type="f32", record_ffn_act=False, seed=1).path
+    files = {"f32": str(src)}
+    for t in ("f16", "q8_0", "q4_0"):
+        files[t] = llama_ref.quantize(src, d / f"{t}.gguf", t)
+    return files
+
+
+@pytest.mark.parametrize("wtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_dense_logits_and_greedy_tokens_match_llama_cpp(silu_models, wtype):
+    path = silu_models[wtype]
+    model = pi_backend.load(path, mode="dense", n_ctx=256)
+    tokens = model.tokenizer.encode(PROMPT)
+    ours = model.forward(tokens, all_logits=True)
+    ref = llama_ref.llama_logits(path, tokens)
+    err = np.abs(ours - ref).max() / ref.std()
+    assert err < LOGIT_TOL[wtype], f"{wtype}: max |diff| / std = {err:.2e}"
+    # the FFN matters in this model: dropping it changes the logits far beyond the tolerance
+    assert np.abs(ref).max() > 0
+
+    greedy_ref = llama_ref.llama_greedy(path, tokens, 64)
+    greedy = list(model.stream(tokens, max_tokens=64, stop_at_eos=False))
+    assert greedy == greedy_ref
+
+
+@pytest.fixture(scope="module")
+def relu_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("relu")
+    return write_llama_model(d / "relu.powerinfer.gguf", n_embd=128, n_ff=512, n_layer=2, n_head=4,
+                             ffn_act="reglu", powerinfer=True, predictor_rank=64, weight_type="f16", seed=2)
+
+
+def test_oracle_sparse_equals_dense_on_relu_model(relu_model):
+    dense = pi_backend.load(relu_model.path, mode="dense")
+    oracle = pi_backend.load(relu_model.path, mode="oracle")
+    tokens = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]
+    a = dense.forward(tokens, all_logits=True)
+    b = oracle.forward(tokens, all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    # token by token (decode), the oracle reads a minority of the neurons; dense reads them all
+    dense.reset(), oracle.reset()
+    for f in oracle.ffn + dense.ffn:
+        f.stats.calls = f.stats.computed = 0
+    for t in tokens:
+        np.testing.assert_allclose(oracle.forward([t]), dense.forward([t]), rtol=0, atol=1e-5 * np.abs(a).max())
+    assert all(f.stats.computed_fraction < 0.4 for f in oracle.ffn)
+    assert all(f.stats.computed_fraction > 0.9 for f in dense.ffn)
+
+
+def test_ffn_changes_the_output(relu_model):
+    """Guard against fixtures in which a wrong FFN would go unnoticed."""
+    m = pi_backend.load(relu_model.path, mode="dense")
+    tokens = [1, 450, 4996, 17354]
+    full = m.forward(tokens, all_logits=True)
+    m.reset()
+    for f in m.ffn:
+        f.__class__ = _NoFFN
+    without = m.forward(tokens, all_logits=True)
+    assert np.abs(full - without).max() > 0.1 * full.std()
+
+
+class _NoFFN:
+    def __call__(self, ffn_inp, x):
+        return np.zeros_like(x)
+
+
+def test_sparse_mode_uses_the_predictor(relu_model):
+    m = pi_backend.load(relu_model.path)  # PowerInfer GGUF: sparse by default
+    assert m.mode == "sparse" and m.config.is_powerinfer
+    dense = pi_backend.load(relu_model.path, mode="dense")
+    tokens = [1, 450, 4996, 17354, 1701, 29916]
+    a = np.concatenate([m.forward([t]) for t in tokens])
+    b = dense.forward(tokens, all_logits=True)
+    listed = np.mean([f.stats.listed_fraction for f in m.ffn])
+    assert 0 < listed < 0.6  # per decoded token, the predictor listed a minority of neurons
+    # a predictor with ~95% recall: close to dense, not necessarily equal
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+
+
+def test_incremental_decode_equals_batched_prefill(relu_model):
+    m = pi_backend.load(relu_model.path, mode="oracle")
+    tokens = [1, 450, 4996, 17354, 1701, 29916, 432]
+    batched = m.forward(tokens, all_logits=True)
+    m.reset()
+    steps = np.concatenate([m.forward([t]) for t in tokens])
+    np.testing.assert_allclose(steps, batched, rtol=0, atol=2e-4 * np.abs(batched).max())
+    # truncate + re-run reuses the cached prefix
+    m.truncate(4)
+    again = m.forward(tokens[4:], all_logits=True)
+    np.testing.assert_allclose(again, batched[4:], rtol=0, atol=2e-4 * np.abs(batched).max())
+
+
+def test_hot_cold_split_sums_to_the_same_result(relu_model):
+    n_ff = relu_model.config.n_ff
+    rng = np.random.default_rng(0)
+    hot = [np.sort(rng.choice(n_ff, n_ff // 3, replace=False)) for _ in range(relu_model.config.n_layer)]
+    split = pi_backend.load(relu_model.path, mode="sparse", hot_neurons=hot)
+    whole = pi_backend.load(relu_model.path, mode="sparse")
+    tokens = [1, 450, 4996, 17354, 1701]
+    a, b = split.forward(tokens, all_logits=True), whole.forward(tokens, all_logits=True)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    assert all(f.stats.hot_listed > 0 for f in split.ffn)
+
+
+def test_tokenizer_works_for_powerinfer_files(relu_model):
+    m = pi_backend.load(relu_model.path)
+    ids = m.tokenizer.encode("Hello world")
+    assert m.tokenizer.decode(ids).strip() == "Hello world"
+    assert ids[0] == m.tokenizer.bos
+
+
+def test_bad_files_and_options_fail_clearly(tmp_path, relu_model):
+    data = relu_model.path.read_bytes()
+    cut = tmp_path / "truncated.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GGUFError, match="truncated.gguf"):
+        pi_backend.load(cut)
+    with pytest.raises(ValueError, match="mode"):
+        pi_backend.load(relu_model.path, mode="fast")
+    with pytest.raises(ValueError, match="hot_neurons"):
+        pi_backend.load(relu_model.path, hot_neurons=[np.array([10**6])] * relu_model.config.n_layer)
+    m = pi_backend.load(relu_model.path)
+    with pytest.raises(ValueError, match="tokens"):
+        m.forward([10**7])
