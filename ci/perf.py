@@ -8,7 +8,7 @@ side by side in this run, and compare with the stored baseline.
 
 Only ratios are tracked, never absolute times: these machines are shared and noisy, but two
 measurements taken in the same run move together. A tracked ratio fails when it drops more than
---tolerance (default 25%) below its baseline. Each suite module defines `metrics(median, bytes_of)`
+--tolerance (default 25%) below its baseline; keys starting with "info." are reported, not tracked. Each suite module defines `metrics(median, bytes_of)`
 and optionally `GOALS` (the issue's targets, reported alongside).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def compare(name: str, current: dict[str, float], goals: dict[str, float], toler
         base = baseline.get(key)
         goal = next((g for pat, g in goals.items() if fnmatch.fnmatch(key, pat)), None)
         flag = ""
-        if base is not None and value < base * (1 - tolerance):
+        if base is not None and not key.startswith("info.") and value < base * (1 - tolerance):
             flag = f"  REGRESSION (< {base * (1 - tolerance):.3f})"
             failures.append(f"{name}.{key}: {value:.3f} vs baseline {base:.3f}")
         goal_txt = "" if goal is None else f"{goal:g} ({'met' if value >= goal else 'NOT met'})"

@@ -1,0 +1,149 @@
+"""Engine decode benchmark (issue: engine): a 7B-shaped ReLU-LLaMA (n_embd 4096, n_ff 11008, 32 heads,
+vocab 32000) cut to a few layers, at ProSparse-level sparsity, F16 and Q4_0, against llama.cpp decoding
+the same weights as a plain llama GGUF, in the same run.
+
+The models are random but built by the fixture code to be genuinely sparse with a working predictor
+(pi_backend/model/factory.py); they are written once per machine to ~/.cache/pi_backend/bench-models.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+N_LAYER = int(os.environ.get("PI_BENCH_LAYERS", "4"))
+SHAPE = dict(n_embd=4096, n_ff=11008, n_layer=N_LAYER, n_head=32, n_ctx=512)
+RANK = 1024
+SPARSITY = 0.90
+PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278]
+N_DECODE = 8
+CACHE = Path(os.environ.get("PI_BENCH_CACHE", Path.home() / ".cache" / "pi_backend" / "bench-models"))
+TYPES = ("F16", "Q4_0")
+
+
+@functools.lru_cache(maxsize=None)
+def models(wtype: str) -> tuple[Path, Path]:
+    """(PowerInfer GGUF for pi_backend, plain llama GGUF of the same weights for llama.cpp)."""
+    from pi_backend.model.factory import write_llama_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tag = f"7bshape-l{N_LAYER}-r{RANK}-s{int(SPARSITY * 100)}-{wtype.lower()}"
+    pwri, plain = CACHE / f"{tag}.powerinfer.gguf", CACHE / f"{tag}.plain.gguf"
+    if not pwri.exists() or not plain.exists():
+        fm = write_llama_model(pwri.with_suffix(".tmp"), **SHAPE, ffn_act="reglu", powerinfer=True,
+                               predictor_rank=RANK, target_sparsity=SPARSITY, target_recall=0.95,
+                               weight_type=wtype.lower(), seed=7)
+        # llama.cpp runs arch llama as SiLU: the same bytes are read per token either way (dense)
+        plain_w = {k: v for k, v in fm.weights.items() if ".fc1." not in k and ".fc2." not in k}
+        write_llama_model(plain.with_suffix(".tmp"), **SHAPE, weights=plain_w, ffn_act="swiglu",
+                          record_ffn_act=False, weight_type=wtype.lower())
+        os.replace(pwri.with_suffix(".tmp"), pwri)
+        os.replace(plain.with_suffix(".tmp"), plain)
+    return pwri, plain
+
+
+def _decode_steps(step, n=N_DECODE):
+    tok = 13
+    for _ in range(n):
+        tok = step(tok)
+
+
+@functools.lru_cache(maxsize=None)
+def pi_model(wtype: str):
+    import pi_backend
+
+    return pi_backend.load(models(wtype)[0], n_ctx=512, n_threads=2)
+
+
+@functools.lru_cache(maxsize=None)
+def llama_model(wtype: str):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(models(wtype)[1]), n_ctx=512, n_threads=2, n_threads_batch=2,
+                           verbose=False)
+
+
+def bytes_per_token(m, sparse: bool) -> float:
+    """Weight bytes one decoded token reads: attention + output head always, FFN per the measured
+    fractions (gate rows of listed neurons; up and down rows of neurons that fired) and predictors."""
+    from pi_backend import native
+
+    w = m.weights
+    total = w.output.nbytes + native.row_bytes(w.token_embd.wtype, w.token_embd.cols)
+    for lw, f in zip(w.layers, m.ffn):
+        total += lw.wq.nbytes + lw.wk.nbytes + lw.wv.nbytes + lw.wo.nbytes
+        row = native.row_bytes(lw.up.wtype, lw.up.cols)
+        n_ff = lw.up.rows
+        if sparse:
+            total += lw.fc1.nbytes + lw.fc2.nbytes
+            total += row * n_ff * (f.stats.listed_fraction + 2 * f.stats.computed_fraction)
+        else:
+            total += 3 * row * n_ff
+    return total
+
+
+@pytest.mark.parametrize("wtype", TYPES)
+def test_decode_pi_backend(benchmark, wtype):
+    m = pi_model(wtype)
+
+    def setup():
+        m.reset()
+        m.forward(PROMPT)
+        for f in m.ffn:
+            f.stats.calls = f.stats.listed = f.stats.computed = 0
+
+    benchmark.pedantic(lambda: _decode_steps(lambda t: int(np.argmax(m.forward([t])[-1]))),
+                       setup=setup, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(bytes=bytes_per_token(m, True) * N_DECODE,
+                                dense_bytes=bytes_per_token(m, False) * N_DECODE,
+                                listed=float(np.mean([f.stats.listed_fraction for f in m.ffn])),
+                                computed=float(np.mean([f.stats.computed_fraction for f in m.ffn])))
+
+
+@pytest.mark.parametrize("wtype", TYPES)
+def test_decode_llama_cpp(benchmark, wtype):
+    llm = llama_model(wtype)
+
+    def setup():
+        llm.reset()
+        llm.eval(PROMPT)
+
+    def step(tok):
+        llm.eval([tok])
+        return 13  # which token is fed does not change the work; only speed is measured here
+
+    benchmark.pedantic(lambda: _decode_steps(step), setup=setup, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(bytes=bytes_per_token(pi_model(wtype), False) * N_DECODE)
+
+
+@pytest.mark.parametrize("wtype", TYPES)
+def test_predictors_alone(benchmark, wtype):
+    """The predictors' share of a decode step."""
+    from pi_backend import native
+
+    m = pi_model(wtype)
+    x = np.random.default_rng(0).standard_normal((1, m.config.n_embd)).astype(np.float32)
+    layers = m.weights.layers
+    benchmark.pedantic(lambda: [native.predict(lw.fc1, lw.fc2, x, 0.0, n_threads=2) for lw in layers for _ in
+                                range(N_DECODE)], rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(bytes=sum(lw.fc1.nbytes + lw.fc2.nbytes for lw in layers) * N_DECODE)
+
+
+def metrics(median, bytes_of) -> dict[str, float]:
+    out = {}
+    for t in TYPES:
+        pi, ll = f"test_decode_pi_backend[{t}]", f"test_decode_llama_cpp[{t}]"
+        ratio = median(ll) / median(pi)
+        ceiling = bytes_of(ll) / bytes_of(pi)  # dense bytes / sparse bytes (predictor included)
+        out[f"decode_speedup_vs_llama_cpp.{t}"] = ratio
+        out[f"decode_fraction_of_ceiling.{t}"] = ratio / ceiling
+        out[f"info.ceiling_ratio.{t}"] = ceiling
+        out[f"decode_gbps_on_bytes_touched.{t}"] = bytes_of(pi) / median(pi) / 1e9
+        out[f"info.llama_cpp_gbps.{t}"] = bytes_of(ll) / median(ll) / 1e9
+        out[f"info.predictor_share_of_decode.{t}"] = median(f"test_predictors_alone[{t}]") / median(pi)
+    return out
+
+
+GOALS = {"decode_fraction_of_ceiling.*": 0.9}
