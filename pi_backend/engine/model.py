@@ -149,6 +149,20 @@ class Model:
             raise ValueError(f"n: cannot keep {n} of {self.state.n_past} cached positions")
         self.state.n_past = n
 
+    def save_state(self) -> dict:
+        """A copy of the filled part of the KV cache (llama-cpp-python's save_state)."""
+        n = self.state.n_past
+        return {"n_past": n, "k": self.state.k[:, :n].copy(), "v": self.state.v[:, :n].copy()}
+
+    def load_state(self, saved: dict) -> None:
+        n = int(saved["n_past"])
+        k, v = saved["k"], saved["v"]
+        if not 0 <= n <= self.n_ctx or k.shape != self.state.k[:, :n].shape or v.shape != k.shape:
+            raise ValueError(f"state: does not fit this model (n_past {n}, k {getattr(k, 'shape', None)})")
+        self.state.k[:, :n] = k
+        self.state.v[:, :n] = v
+        self.state.n_past = n
+
     def close(self) -> None:
         self.gguf.close()
 
