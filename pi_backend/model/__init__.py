@@ -1,0 +1,11 @@
+"""The file-format layer: GGUF / PowerInfer GGUF reading and writing, model configs, activation
+statistics, and fixture models.
+
+Modules (imported on demand; nothing here is imported eagerly):
+- gguf_file: `GGUFFile`, a defensive GGUF v2/v3 reader accepting the `GGUF` and `PWRI` magics.
+- gguf_write: `write_gguf`, `write_model` (quantizing), `set_magic`.
+- config: `ModelConfig` from GGUF metadata, with tensor-shape validation.
+- activation_stats: PowerInfer's `activation_{i}.pt` files, read and written without torch.
+- vocab, factory, tiny_relu: tokenizer metadata, random fixture models, the tiny-relu conversion.
+- numpy_reference: a plain numpy forward pass, the yardstick for fixtures and engine tests.
+"""
