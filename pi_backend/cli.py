@@ -70,6 +70,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+# subcommands that are whole tools with their own argument parsers: name -> (module, help)
+TOOLS = {
+    "perplexity": ("pi_backend.tools.perplexity", "perplexity per FFN mode side by side, predictor recall"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pi-backend", description="PowerInfer-style sparse-FFN inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,12 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-m", "--model")
     i.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"))
     i.set_defaults(func=cmd_info)
+
+    for name, (_, help_text) in TOOLS.items():  # listed in --help; main() hands them their arguments
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in TOOLS:
+            return __import__(TOOLS[argv[0]][0], fromlist=["main"]).main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
         print(f"pi-backend: error: {e}", file=sys.stderr)
