@@ -26,23 +26,52 @@ TYPES = ("F16", "Q4_0")
 
 @functools.lru_cache(maxsize=None)
 def models(wtype: str) -> tuple[Path, Path]:
-    """(PowerInfer GGUF for pi_backend, plain llama GGUF of the same weights for llama.cpp)."""
-    from pi_backend.model.factory import write_llama_model
+    """(PowerInfer GGUF for pi_backend, plain llama GGUF of the same weights for llama.cpp).
 
+    The fixture's calibration (sparsity and predictor) runs once, for the F16 PowerInfer file; every
+    other file is derived from that file's values, so all of them share the same weights."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    tag = f"7bshape-l{N_LAYER}-r{RANK}-s{int(SPARSITY * 100)}-{wtype.lower()}"
-    pwri, plain = CACHE / f"{tag}.powerinfer.gguf", CACHE / f"{tag}.plain.gguf"
-    if not pwri.exists() or not plain.exists():
-        fm = write_llama_model(pwri.with_suffix(".tmp"), **SHAPE, ffn_act="reglu", powerinfer=True,
-                               predictor_rank=RANK, target_sparsity=SPARSITY, target_recall=0.95,
-                               weight_type=wtype.lower(), seed=7)
-        # llama.cpp runs arch llama as SiLU: the same bytes are read per token either way (dense)
-        plain_w = {k: v for k, v in fm.weights.items() if ".fc1." not in k and ".fc2." not in k}
-        write_llama_model(plain.with_suffix(".tmp"), **SHAPE, weights=plain_w, ffn_act="swiglu",
-                          record_ffn_act=False, weight_type=wtype.lower())
-        os.replace(pwri.with_suffix(".tmp"), pwri)
-        os.replace(plain.with_suffix(".tmp"), plain)
+    tag = f"7bshape-l{N_LAYER}-r{RANK}-s{int(SPARSITY * 100)}"
+    source = CACHE / f"{tag}-f16.powerinfer.gguf"
+    if not source.exists():
+        from pi_backend.model.factory import write_llama_model
+
+        write_llama_model(source.with_suffix(".tmp"), **SHAPE, ffn_act="reglu", powerinfer=True,
+                          predictor_rank=RANK, target_sparsity=SPARSITY, target_recall=0.95,
+                          weight_type="f16", seed=7)
+        os.replace(source.with_suffix(".tmp"), source)
+    pwri = CACHE / f"{tag}-{wtype.lower()}.powerinfer.gguf"
+    plain = CACHE / f"{tag}-{wtype.lower()}.plain.gguf"
+    if not pwri.exists():
+        _derive(source, pwri, wtype, powerinfer=True)
+    if not plain.exists():
+        _derive(source, plain, wtype, powerinfer=False)
     return pwri, plain
+
+
+def _derive(source: Path, out: Path, wtype: str, powerinfer: bool) -> None:
+    """Rewrite `source` in another weight type; as a plain llama GGUF (no predictor, W_down in llama's
+    [n_embd, n_ff] layout, SiLU by default: llama.cpp reads the same bytes per token) unless powerinfer."""
+    from pi_backend.model.gguf_file import GGUFFile
+    from pi_backend.model.gguf_write import typed_metadata, write_model
+
+    with GGUFFile.open(source) as g:
+        metadata = {k: v for k, v in typed_metadata(g).items()
+                    if k not in ("general.architecture", "general.file_type", "general.quantization_version")}
+        weights = {}
+        for name in g.tensors:
+            if not powerinfer and (".fc1." in name or ".fc2." in name):
+                continue
+            values = g.dequantize(name)
+            if not powerinfer and name.endswith("ffn_down_t.weight"):
+                name, values = name.replace("ffn_down_t", "ffn_down"), np.ascontiguousarray(values.T)
+            weights[name] = values
+    if not powerinfer:
+        metadata.pop("pi_backend.ffn_act", None)
+        metadata.pop("powerinfer.sparse_threshold", None)
+    write_model(out.with_suffix(".tmp"), "llama", metadata, weights, weight_type=wtype.lower(),
+                powerinfer=powerinfer)
+    os.replace(out.with_suffix(".tmp"), out)
 
 
 def _decode_steps(step, n=N_DECODE):

@@ -73,6 +73,13 @@ def cmd_info(args) -> int:
 # subcommands that are whole tools with their own argument parsers: name -> (module, help)
 TOOLS = {
     "perplexity": ("pi_backend.tools.perplexity", "perplexity per FFN mode side by side, predictor recall"),
+    "serve": ("pi_backend.adapters.llamacpp.server", "llama-cpp-python's OpenAI-compatible server on pi_backend"),
+    "profile": ("pi_backend.tools.profile", "neuron activation frequencies -> activation/activation_{i}.pt (+ plot)"),
+    "train-predictor": ("pi_backend.tools.train_cli", "train per-layer predictors on the engine, write a PowerInfer GGUF"),
+    "calibrate-threshold": ("pi_backend.tools.threshold", "per-layer |silu(gate)| cuts for SiLU models (TEAL/CATS)"),
+    "quantize": ("pi_backend.tools.quantize", "re-encode a GGUF / PowerInfer GGUF to F16, BF16, Q8_0 or Q4_0"),
+    "convert": ("pi_backend.tools.convert_hf", "convert between Hugging Face checkpoints and (PowerInfer) GGUF"),
+    "corpus": ("pi_backend.tools.corpus", "the built-in calibration corpus (Python standard library docs)"),
 }
 
 

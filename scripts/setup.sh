@@ -26,3 +26,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$VPY" -c "impor
 fi
 
 PYTHON="$VPY" "$ROOT/scripts/install-llama-cpp-python.sh" >&2
+# llama-cpp-python's server extras (installed without rebuilding llama.cpp) for the adapter's server
+if ! "$VPY" -c "import fastapi, uvicorn, sse_starlette, starlette_context, pydantic_settings" 2>/dev/null; then
+  log "installing the llama-cpp-python server extras"
+  "$VPY" -m pip install -q fastapi uvicorn sse-starlette starlette-context pydantic-settings
+fi
