@@ -20,9 +20,12 @@ def builtin_model() -> Path:
 
 def _engine_options(args) -> dict:
     opts = {"n_threads": args.threads, "n_ctx": args.ctx}
-    for key in ("mode", "threshold", "ffn_act", "vram_budget"):
+    for key in ("mode", "threshold", "ffn_act", "vram_budget", "activation_dir", "device"):
         if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
+    for flag in ("reset_gpu_index", "disable_gpu_index"):
+        if getattr(args, flag, False):
+            opts[flag] = True
     return opts
 
 
@@ -31,9 +34,8 @@ def cmd_generate(args) -> int:
 
     path = Path(args.model) if args.model else builtin_model()
     model = load(path, **_engine_options(args))
-    if args.vram_budget is not None:
-        print(f"[pi-backend] --vram-budget {args.vram_budget} GiB: no GPU backend is available on this machine, "
-              "running every partition on the CPU", file=sys.stderr)
+    for message in getattr(model.placement, "messages", None) or []:
+        print(f"[pi-backend] placement: {message}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -98,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="override the predictor / threshold-mode cut for every layer")
     g.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"),
                    help="FFN activation, for dense ReLU GGUFs whose metadata does not say (PowerInfer's convert-dense.py)")
-    g.add_argument("--vram-budget", type=float, help="GiB of GPU memory for hot neurons")
+    g.add_argument("--vram-budget", type=float,
+                   help="GiB of GPU memory for dense blocks and hot neurons (default on a GPU: free VRAM - 256 MiB; "
+                        "without a GPU the hot partition runs on a CPU stand-in)")
+    g.add_argument("--activation-dir", help="activation statistics for placement (default: <model dir>/activation)")
+    g.add_argument("--reset-gpu-index", action="store_true", help="re-solve the placement, ignoring its cache")
+    g.add_argument("--disable-gpu-index", action="store_true", help="no FFN split: only dense blocks offloaded")
+    g.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the hot partition runs (default auto)")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)

@@ -45,7 +45,8 @@ STOCK_BACKENDS = ("llama.cpp", "llama_cpp", "llamacpp")
 POWERINFER_BACKENDS = ("powerinfer", "pi_backend")
 # pi_backend engine options accepted as keyword arguments (besides n_ctx / n_threads, shared with stock);
 # engine_options() adds whatever else pi_backend.engine.model.EngineOptions grows
-ENGINE_OPTIONS = ("mode", "threshold", "thresholds", "vram_budget", "hot_neurons", "ffn_act")
+ENGINE_OPTIONS = ("mode", "threshold", "thresholds", "vram_budget", "hot_neurons", "ffn_act", "activation_dir",
+                  "reset_gpu_index", "disable_gpu_index", "device", "overlap", "hot_threads", "placement_cost")
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of 256; so do we, to report the same n_ctx()
 STATE_MAGIC = b"PIKV"
 STATE_VERSION = 1

@@ -9,8 +9,9 @@ Active-set rules (mode):
   threshold SiLU models without a predictor (TEAL/CATS): neurons whose |silu(gate)| is below a
             per-layer threshold are skipped, their up/down rows never read
 
-Executors: on a CPU-only machine both partitions run on the CPU pool, so the split and the merge are
-exercised everywhere; a GPU executor (native/cuda) takes the hot partition where one is present.
+Executors (executors.py): the cold partition runs on the CPU pool; the hot one on a GPU executor, or
+on a CPU-only machine on a worker-thread stand-in overlapped with the cold one, so the split, the
+merge and the scheduling are exercised everywhere.
 """
 from __future__ import annotations
 
@@ -19,27 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pi_backend import native
+from pi_backend.engine.executors import CpuExecutor, Executor
 from pi_backend.engine.weights import LayerWeights
 
 MODES = ("sparse", "dense", "oracle", "threshold")
 RELU_FAMILY = ("reglu", "drelu", "relu")
-
-
-class CpuExecutor:
-    """Computes the listed neurons of a layer on the native CPU thread pool."""
-
-    name = "cpu"
-
-    def __init__(self, n_threads: int = 0):
-        self.n_threads = n_threads
-
-    def run(self, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray, out: np.ndarray,
-            accumulate: bool, skip_threshold: float) -> int:
-        """out (+)= FFN over idx; returns how many listed neurons did not fire."""
-        _, skipped = native.sparse_ffn(lw.gate, lw.up, lw.down_t, x, idx, act=act, out=out,
-                                       accumulate=accumulate, skip_threshold=skip_threshold,
-                                       n_threads=self.n_threads, return_skipped=True)
-        return skipped
 
 
 @dataclass
@@ -69,8 +54,9 @@ class SparseFFN:
     mode: str
     threshold: float              # predictor threshold (sparse) or |activation| cut (threshold mode)
     hot_mask: np.ndarray | None   # bool [n_ff]: neurons of the hot partition
-    hot: CpuExecutor
+    hot: Executor                 # the hot partition (GPU, or its CPU stand-in): submit/wait, overlapped
     cold: CpuExecutor
+    n_threads: int | None = None  # predictor and explicit path (None: the cold executor's count)
     stats: FFNStats = field(init=False)
 
     def __post_init__(self):
@@ -87,11 +73,12 @@ class SparseFFN:
             raise ValueError(f"hot_mask: layer {self.layer} expects {n_ff} entries, got {self.hot_mask.shape}")
         self.all_neurons = np.arange(n_ff, dtype=np.int32)
         self.stats = FFNStats(n_ff)
+        self._threads = self.cold.n_threads if self.n_threads is None else self.n_threads
 
     def active_set(self, ffn_inp: np.ndarray) -> np.ndarray:
         if self.mode == "sparse":
             return native.predict(self.weights.fc1, self.weights.fc2, ffn_inp, self.threshold,
-                                  n_threads=self.cold.n_threads)
+                                  n_threads=self._threads)
         return self.all_neurons
 
     def __call__(self, ffn_inp: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -106,8 +93,13 @@ class SparseFFN:
         else:
             in_hot = self.hot_mask[idx]
             hot_idx, cold_idx = idx[in_hot], idx[~in_hot]
-            computed = hot_idx.size - self.hot.run(self.weights, self.act, hot_idx, x, y, False, skip)
-            computed += cold_idx.size - self.cold.run(self.weights, self.act, cold_idx, x, y, True, skip)
+            # the hot partition starts first and runs while the CPU computes the cold one; one wait
+            handle = self.hot.submit(self.layer, self.weights, self.act, hot_idx, x, skip)
+            try:
+                computed = cold_idx.size - self.cold.run(self.weights, self.act, cold_idx, x, y, False, skip)
+            finally:
+                hot_skipped = self.hot.wait(handle, y, True)
+            computed += hot_idx.size - hot_skipped
             self.stats.hot_listed += hot_idx.size
         self.stats.calls += 1
         self.stats.listed += idx.size
@@ -121,7 +113,7 @@ class SparseFFN:
         is an independent check of the fused kernel's skipping. Plain GGUF keeps W_down as
         [n_embd, n_ff], whose columns cannot be read sparsely: the down projection is then a dense
         GEMV over the scattered activations (PowerInfer GGUF stores ffn_down_t for a sparse one)."""
-        w, n_threads = self.weights, self.cold.n_threads
+        w, n_threads = self.weights, self._threads
         u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
         if self.act == "relu":
             h = np.maximum(u, 0)

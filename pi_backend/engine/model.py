@@ -9,15 +9,21 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pi_backend import native
-from pi_backend.engine.ffn import MODES, RELU_FAMILY, CpuExecutor, SparseFFN
+from pi_backend.engine.executors import CpuExecutor, CpuThreadExecutor, gpu_available, gpu_executor, gpu_free_bytes
+from pi_backend.engine.ffn import MODES, RELU_FAMILY, SparseFFN
 from pi_backend.engine.weights import Weights, load_weights
 from pi_backend.model.config import ModelConfig
 from pi_backend.model.gguf_file import GGUFFile
+
+if TYPE_CHECKING:
+    from pi_backend.placement import CostModel
+
+DEVICES = ("auto", "gpu", "cpu")
 
 
 @dataclass
@@ -29,13 +35,24 @@ class EngineOptions:
     threshold: float | None = None     # override every layer's predictor / threshold-mode cut
     thresholds: Sequence[float] | None = None  # per-layer override
     hot_neurons: Sequence[np.ndarray] | None = None  # per-layer hot index sets (placement output)
-    vram_budget: float | None = None   # GiB for the GPU partition (CPU-only machines: ignored, reported)
+    vram_budget: float | None = None   # GiB for the GPU partition; on a CPU-only machine: for its stand-in
+    activation_dir: str | None = None  # activation statistics to place by (default <model dir>/activation)
+    reset_gpu_index: bool = False      # re-solve the placement instead of reading its cache
+    disable_gpu_index: bool = False    # no FFN split: only dense blocks offloaded
+    device: str = "auto"               # hot partition on: auto (GPU if any, else CPU stand-in) | gpu | cpu
+    overlap: bool = True               # CPU stand-in: run the hot partition concurrently with the cold one
+    hot_threads: int = 1               # threads of the CPU stand-in (the cold partition gets the rest)
+    placement_cost: CostModel | None = None  # the placement's cost model (default: GPU, or the CPU stand-in)
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode: unknown mode {self.mode!r}; expected one of {MODES}")
         if self.n_ctx < 1:
             raise ValueError(f"n_ctx: must be >= 1, got {self.n_ctx}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: unknown device {self.device!r}; expected one of {DEVICES}")
+        if not 1 <= self.hot_threads <= native.lib.PI_MAX_THREADS:
+            raise ValueError(f"hot_threads: must be in [1, {native.lib.PI_MAX_THREADS}], got {self.hot_threads}")
 
 
 def default_mode(cfg: ModelConfig) -> str:
@@ -91,10 +108,18 @@ class Model:
         self.mode = self.options.mode or default_mode(cfg)
         self.n_ctx = min(self.options.n_ctx, cfg.n_ctx_train) if cfg.n_ctx_train else self.options.n_ctx
         self.n_threads = self.options.n_threads
-        cold = CpuExecutor(self.n_threads)
-        hot = CpuExecutor(self.n_threads)  # stands in for the GPU executor on a CPU-only machine
+        self.use_gpu = self.options.device == "gpu" or (self.options.device == "auto" and gpu_available())
+        if self.options.device == "gpu" and not gpu_available():
+            gpu_executor()  # raises GpuUnavailableError saying why
+        self.placement = None  # pi_backend.placement.Placement, when a budget (or a GPU) asks for one
+        self.hot_neurons = self.options.hot_neurons
+        if self.hot_neurons is None:
+            self.placement = self._place()
+            if self.placement is not None and self.placement.has_split:
+                self.hot_neurons = self.placement.hot
+        self.hot_executor, self.cold_executor = self._executors()
         self.ffn = [SparseFFN(i, lw, cfg.ffn_act, self.mode, self._layer_threshold(i),
-                              self._hot_mask(i), hot, cold)
+                              self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads)
                     for i, lw in enumerate(self.weights.layers)]
         shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
         self.state = RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
@@ -114,14 +139,50 @@ class Model:
                              "calibrate them with `pi-backend calibrate-threshold`")
         return self.config.threshold(i)
 
-    def _hot_mask(self, i: int) -> np.ndarray | None:
-        if self.options.hot_neurons is None:
+    def _place(self):
+        """The placement: on a GPU machine always, on a CPU-only one when vram_budget is given."""
+        o = self.options
+        if o.vram_budget is None and not self.use_gpu:
             return None
-        idx = np.asarray(self.options.hot_neurons[i], dtype=np.int64)
+        from pi_backend.placement import CostModel, plan_for_model
+
+        if o.vram_budget is not None:
+            budget = int(o.vram_budget * (1 << 30))
+        else:  # PowerInfer's default: free VRAM - 256 MiB
+            budget = max(0, (gpu_free_bytes() or 0) - (256 << 20))
+        return plan_for_model(self.gguf, self.config, budget_bytes=budget, activation_dir=o.activation_dir,
+                              reset=o.reset_gpu_index, disable_split=o.disable_gpu_index, n_ctx=self.n_ctx,
+                              thresholds=[self._layer_threshold(i) for i in range(self.config.n_layer)],
+                              cost=o.placement_cost or CostModel.for_device(self.use_gpu))
+
+    def _executors(self):
+        """(hot, cold): the GPU executor or its CPU stand-in for the hot partition, the CPU pool for the cold."""
+        o = self.options
+        if self.hot_neurons is None:
+            cold = CpuExecutor(self.n_threads)
+            return cold, cold
+        if self.use_gpu:
+            hot, cold = gpu_executor(), CpuExecutor(self.n_threads)
+        elif o.overlap:
+            total = self.n_threads or native.get_num_threads()
+            hot, cold = CpuThreadExecutor(o.hot_threads), CpuExecutor(max(1, total - o.hot_threads))
+        else:
+            hot = cold = CpuExecutor(self.n_threads)
+        for i, lw in enumerate(self.weights.layers):
+            hot.prepare(i, lw, self._hot_ids(i))
+        return hot, cold
+
+    def _hot_ids(self, i: int) -> np.ndarray:
+        idx = np.asarray(self.hot_neurons[i], dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.config.n_ff):
             raise ValueError(f"hot_neurons: layer {i} names a neuron outside [0, {self.config.n_ff})")
+        return np.unique(idx).astype(np.int32)
+
+    def _hot_mask(self, i: int) -> np.ndarray | None:
+        if self.hot_neurons is None:
+            return None
         mask = np.zeros(self.config.n_ff, bool)
-        mask[idx] = True
+        mask[self._hot_ids(i)] = True
         return mask
 
     @property
@@ -164,6 +225,8 @@ class Model:
         self.state.n_past = n
 
     def close(self) -> None:
+        self.hot_executor.close()
+        self.cold_executor.close()
         self.gguf.close()
 
     # ---- the forward pass
