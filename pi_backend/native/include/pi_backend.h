@@ -137,27 +137,41 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
 /* PI_CDEF_END */
 
 /* ---- device entry points (pi_backend/native/cuda, pi_backend/native/hip) ----
- * Same semantics as the CPU functions above, on device memory: every pointer (matrix data, x, y,
- * idx) is a device pointer, `stream` is a cudaStream_t / hipStream_t (NULL = default stream), and
- * the call is asynchronous on that stream. Index lists are checked on the device; a bad index sets
- * an error flag that pi_dev_sync() reports as PI_ERR_INDEX. */
+ * Same semantics as the CPU functions above, on device memory: every pointer (matrix data, x, y, h,
+ * idx, logits) is a device pointer, `stream` is a cudaStream_t / hipStream_t (NULL = the default
+ * stream), and every op is asynchronous on that stream. Sizes and pi_matrix descriptors are checked on
+ * the host before anything is launched (the same rules and error codes as the CPU side). Index lists
+ * are checked on the device: an index outside [0, rows) is skipped (its output is 0) and sets an error
+ * flag of the current device; a repeated index in pi_dev_sparse_ffn's set sets another. pi_dev_sync()
+ * waits for the stream, then reports and clears the flags: PI_ERR_INDEX, else PI_ERR_DUPLICATE. The
+ * flags are per device, not per stream. Results are deterministic: no floating-point atomics.
+ * Built as libpi_backend_cuda.so (nvcc) / libpi_backend_hip.so (hipcc) from one kernel source. */
 /* PI_DEVICE_CDEF_BEGIN */
-int pi_dev_available(void);
-const char *pi_dev_name(void);
+int pi_dev_available(void);              /* 1 if a device is present and usable, else 0 (never fails) */
+const char *pi_dev_name(void);           /* the current device's name, "none" without one */
+const char *pi_dev_backend(void);        /* "cuda" or "hip" */
 int pi_dev_sync(void *stream);
-int pi_dev_malloc(void **ptr, int64_t bytes);
-int pi_dev_free(void *ptr);
+int pi_dev_malloc(void **ptr, int64_t bytes);  /* bytes == 0 gives NULL */
+int pi_dev_free(void *ptr);                    /* NULL is fine */
 int pi_dev_memcpy_h2d(void *dst, const void *src, int64_t bytes, void *stream);
 int pi_dev_memcpy_d2h(void *dst, const void *src, int64_t bytes, void *stream);
+int pi_dev_memcpy_d2d(void *dst, const void *src, int64_t bytes, void *stream);
+int pi_dev_memset(void *dst, int32_t value, int64_t bytes, void *stream);
 int pi_dev_mem_info(int64_t *free_bytes, int64_t *total_bytes);
+/* bytes currently held through pi_dev_malloc (all devices); the ops' transient scratch comes from a
+ * separate stream-ordered pool that keeps at most 32 MiB per device when idle */
+int pi_dev_mem_used(int64_t *bytes);
 int pi_dev_gemm(const pi_matrix *W, const float *x, int64_t n_tok, float *y, void *stream);
 int pi_dev_sparse_gemm_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx,
                             const float *x, int64_t n_tok, float *y, void *stream);
 int pi_dev_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
                             const float *h, int64_t n_tok, float *y, void *stream);
+/* as pi_sparse_ffn, without n_skipped; a repeated index sets the duplicate flag */
 int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t,
                       int32_t act, const int32_t *idx, int64_t n_idx,
-                      const float *x, int64_t n_tok, float *y, int32_t accumulate, void *stream);
+                      const float *x, int64_t n_tok, float *y, int32_t accumulate,
+                      float skip_threshold, void *stream);
+/* logits [n_tok, fc2.rows] = fc2 . relu(fc1 . x[t]), the predictor of pi_predict before its threshold */
 int pi_dev_predict_logits(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok,
                           float *logits, void *stream);
 /* PI_DEVICE_CDEF_END */

@@ -1,0 +1,410 @@
+"""pi_backend's device kernels (CUDA / HIP) from Python.
+
+The library (libpi_backend_cuda.so from nvcc, libpi_backend_hip.so from hipcc, both built by the
+package build when the compiler is found; see build_gpu.py) is bound with cffi in ABI mode: the
+declarations are the `pi_matrix` struct and the PI_DEVICE_CDEF section of include/pi_backend.h, read
+at load time, so Python and the library share one header. Nothing is loaded on import: the first
+call to available() / default() looks for the library and asks it for a device, and returns False /
+None (never raises) when there is no library, no driver or no device.
+
+    from pi_backend.native import device
+    if device.available():
+        dev = device.default()
+        W = dev.matrix(native_matrix)              # upload a pi_backend.native.Matrix
+        x = dev.to_device(x_host)                  # float32 [n_tok, cols]
+        y = dev.gemm(W, x).to_host()               # ops are asynchronous; to_host() syncs
+
+Ops validate dtype and shape here (TypeError / ValueError naming the argument); the library checks
+sizes again and index values on the device: a bad index is reported by the next sync (sync(),
+to_host()) as NativeError PI_ERR_INDEX. PI_BACKEND_DEVICE_LIB=path selects a library explicitly (e.g.
+the CPU emulator build that runs these kernels in tests without a GPU).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import threading
+import weakref
+
+import numpy as np
+from cffi import FFI
+
+from pi_backend import native
+
+HERE = pathlib.Path(__file__).resolve().parent
+HEADER = HERE / "include" / "pi_backend.h"
+LIBRARY_NAMES = ("libpi_backend_cuda.so", "libpi_backend_hip.so")
+ENV_LIBRARY = "PI_BACKEND_DEVICE_LIB"
+
+_ACT_NAMES = native.ACTIVATIONS
+
+
+def device_cdef(text: str | None = None) -> str:
+    """The cffi declarations of the device library: struct pi_matrix + the PI_DEVICE_CDEF section."""
+    text = HEADER.read_text() if text is None else text
+    struct = re.search(r"typedef struct pi_matrix \{.*?\} pi_matrix;", text, re.S)
+    if struct is None:
+        raise RuntimeError(f"{HEADER}: no pi_matrix typedef")
+    start = text.index("PI_DEVICE_CDEF_BEGIN")
+    block = text[text.index("\n", start) + 1 : text.index("PI_DEVICE_CDEF_END", start)]
+    block = block[: block.rfind("\n") + 1]  # drop the comment opener of the end marker's line
+    return struct.group(0) + "\n" + block
+
+
+def device_functions(text: str | None = None) -> list[str]:
+    """Names of the pi_dev_* entry points the header declares (what every library must export)."""
+    return re.findall(r"\b(pi_dev_\w+)\s*\(", device_cdef(text))
+
+
+def _check(func: str, code: int) -> None:
+    if code != native.lib.PI_OK:
+        raise native.NativeError(func, code)
+
+
+def _stream(ffi: FFI, stream):
+    """None (the default stream) or a cudaStream_t / hipStream_t handle as an int (e.g. torch's
+    `torch.cuda.current_stream().cuda_stream`)."""
+    if stream is None:
+        return ffi.NULL
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+        return ffi.cast("void *", int(stream))
+    raise TypeError(f"stream: expected None or an int handle, got {type(stream).__name__}")
+
+
+class DeviceArray:
+    """A C-contiguous float32 / int32 (or raw uint8) array in device memory, owned (freed on del)."""
+
+    def __init__(self, dev: "Device", shape: tuple, dtype):
+        self.dev, self.shape, self.dtype = dev, tuple(int(s) for s in shape), np.dtype(dtype)
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"shape: negative dimension in {self.shape}")
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        p = dev.ffi.new("void **")
+        _check("pi_dev_malloc", dev.lib.pi_dev_malloc(p, self.nbytes))
+        self._ptr = p[0]
+        self._finalizer = weakref.finalize(self, dev.lib.pi_dev_free, self._ptr)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def ptr(self, ctype: str = "void *"):
+        if not self._finalizer.alive:
+            raise ValueError("DeviceArray: used after free()")
+        return self.dev.ffi.cast(ctype, self._ptr)
+
+    def copy_from(self, a: np.ndarray, stream=None) -> "DeviceArray":
+        a = np.ascontiguousarray(a)
+        if a.dtype != self.dtype or a.shape != self.shape:
+            raise ValueError(f"a: expected {self.dtype} {self.shape}, got {a.dtype} {a.shape}")
+        if self.nbytes:
+            ffi = self.dev.ffi
+            _check("pi_dev_memcpy_h2d", self.dev.lib.pi_dev_memcpy_h2d(
+                self.ptr(), ffi.from_buffer(a), self.nbytes, _stream(ffi, stream)))
+        return self
+
+    def to_host(self, stream=None) -> np.ndarray:
+        """Copy back after everything enqueued on `stream` (sync: raises a flagged index error)."""
+        out = np.empty(self.shape, self.dtype)
+        ffi = self.dev.ffi
+        if self.nbytes:
+            _check("pi_dev_memcpy_d2h", self.dev.lib.pi_dev_memcpy_d2h(
+                ffi.from_buffer(out), self.ptr(), self.nbytes, _stream(ffi, stream)))
+        self.dev.sync(stream)
+        return out
+
+    def copy_to(self, dst: "DeviceArray", stream=None) -> "DeviceArray":
+        """Device-to-device copy into dst (same size in bytes)."""
+        if not isinstance(dst, DeviceArray) or dst.dev is not self.dev or dst.nbytes != self.nbytes:
+            raise ValueError(f"dst: expected a DeviceArray of {self.nbytes} bytes on the same device")
+        if self.nbytes:
+            _check("pi_dev_memcpy_d2d", self.dev.lib.pi_dev_memcpy_d2d(dst.ptr(), self.ptr(), self.nbytes,
+                                                                      _stream(self.dev.ffi, stream)))
+        return dst
+
+    def fill_zero(self, stream=None) -> "DeviceArray":
+        if self.nbytes:
+            _check("pi_dev_memset", self.dev.lib.pi_dev_memset(self.ptr(), 0, self.nbytes,
+                                                               _stream(self.dev.ffi, stream)))
+        return self
+
+    def free(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"DeviceArray({self.shape}, {self.dtype}, on {self.dev.name})"
+
+
+class DeviceMatrix:
+    """A weight matrix in device memory: the pi_matrix descriptor of a view of a DeviceArray."""
+
+    def __init__(self, storage: DeviceArray, wtype: int, rows: int, cols: int, row_stride: int | None = None,
+                 offset: int = 0):
+        if not isinstance(storage, DeviceArray):
+            raise TypeError(f"storage: expected DeviceArray, got {type(storage).__name__}")
+        if wtype not in native.TYPE_NAMES:
+            raise ValueError(f"wtype: unsupported weight type {wtype!r}")
+        rb = native.row_bytes(wtype, int(cols))
+        stride = rb if row_stride is None else int(row_stride)
+        if not 0 <= offset <= storage.nbytes:
+            raise ValueError(f"offset: {offset} outside the {storage.nbytes}-byte storage")
+        self.storage, self.wtype, self.rows, self.cols, self.row_stride = storage, int(wtype), int(rows), int(cols), stride
+        desc = storage.dev.ffi.new("pi_matrix *")
+        desc.data = storage.dev.ffi.cast("char *", storage.ptr()) + offset
+        desc.data_bytes = storage.nbytes - offset
+        desc.rows, desc.cols, desc.row_stride, desc.type = self.rows, self.cols, stride, self.wtype
+        self._desc = desc  # the library checks the view against data_bytes (PI_ERR_BOUNDS)
+
+    @property
+    def dev(self) -> "Device":
+        return self.storage.dev
+
+    @property
+    def type_name(self) -> str:
+        return native.TYPE_NAMES[self.wtype]
+
+    def __repr__(self) -> str:
+        return f"DeviceMatrix({self.rows}x{self.cols} {self.type_name}, on {self.dev.name})"
+
+
+class Device:
+    """One loaded device library (all its calls act on the current device of the calling thread)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.ffi = FFI()
+        self.ffi.cdef(device_cdef())
+        self.lib = self.ffi.dlopen(self.path)  # OSError if it cannot be loaded
+        for fn in device_functions():  # a library built from another version of the header: refuse now
+            getattr(self.lib, fn)  # AttributeError
+
+    # ---- state
+    def available(self) -> bool:
+        return bool(self.lib.pi_dev_available())
+
+    @property
+    def name(self) -> str:
+        return self.ffi.string(self.lib.pi_dev_name()).decode(errors="replace")
+
+    @property
+    def backend(self) -> str:
+        return self.ffi.string(self.lib.pi_dev_backend()).decode()
+
+    def sync(self, stream=None) -> None:
+        """Wait for the stream; raise NativeError for an index error flagged by a kernel since the last sync."""
+        _check("pi_dev_sync", self.lib.pi_dev_sync(_stream(self.ffi, stream)))
+
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the current device."""
+        f, t = self.ffi.new("int64_t *"), self.ffi.new("int64_t *")
+        _check("pi_dev_mem_info", self.lib.pi_dev_mem_info(f, t))
+        return int(f[0]), int(t[0])
+
+    def mem_used(self) -> int:
+        """Bytes this process holds through pi_dev_malloc (DeviceArray)."""
+        b = self.ffi.new("int64_t *")
+        _check("pi_dev_mem_used", self.lib.pi_dev_mem_used(b))
+        return int(b[0])
+
+    # ---- memory
+    def empty(self, shape, dtype=np.float32) -> DeviceArray:
+        return DeviceArray(self, shape if isinstance(shape, tuple) else (shape,), dtype)
+
+    def zeros(self, shape, dtype=np.float32, stream=None) -> DeviceArray:
+        return self.empty(shape, dtype).fill_zero(stream)
+
+    def to_device(self, a: np.ndarray, stream=None) -> DeviceArray:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"a: expected a numpy array, got {type(a).__name__}")
+        return self.empty(a.shape, a.dtype).copy_from(a, stream)
+
+    def matrix(self, m: "native.Matrix", stream=None) -> DeviceMatrix:
+        """Upload a host pi_backend.native.Matrix (its whole buffer, same layout)."""
+        if not isinstance(m, native.Matrix):
+            raise TypeError(f"m: expected pi_backend.native.Matrix, got {type(m).__name__}")
+        raw = np.frombuffer(m.buffer.reshape(-1).view(np.uint8), np.uint8)
+        return DeviceMatrix(self.to_device(raw, stream), m.wtype, m.rows, m.cols, m.row_stride)
+
+    # ---- argument checks
+    def _mat(self, m, name: str) -> DeviceMatrix:
+        if not isinstance(m, DeviceMatrix):
+            raise TypeError(f"{name}: expected DeviceMatrix, got {type(m).__name__}")
+        if m.dev is not self:
+            raise ValueError(f"{name}: belongs to another device library")
+        return m
+
+    def _arr(self, a, name: str, dtype, ndim=None) -> DeviceArray:
+        if not isinstance(a, DeviceArray):
+            raise TypeError(f"{name}: expected DeviceArray, got {type(a).__name__}")
+        if a.dev is not self:
+            raise ValueError(f"{name}: belongs to another device library")
+        if a.dtype != np.dtype(dtype):
+            raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+        if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+            raise ValueError(f"{name}: expected {ndim}-D, got shape {a.shape}")
+        return a
+
+    def _tokens(self, x, name: str, width: int) -> tuple[DeviceArray, int]:
+        x = self._arr(x, name, np.float32, (1, 2))
+        if x.shape[-1] != width:
+            raise ValueError(f"{name}: last dimension {x.shape[-1]} != {width}")
+        n_tok = 1 if x.ndim == 1 else x.shape[0]
+        if n_tok == 0:
+            raise ValueError(f"{name}: no tokens")
+        return x, n_tok
+
+    def _out(self, out, name: str, shape: tuple) -> DeviceArray:
+        if out is None:
+            return self.empty(shape, np.float32)
+        out = self._arr(out, name, np.float32)
+        if out.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
+        return out
+
+    def _idx(self, idx, name: str) -> DeviceArray:
+        return self._arr(idx, name, np.int32, 1)
+
+    # ---- ops (asynchronous on `stream`)
+    def gemm(self, W: DeviceMatrix, x: DeviceArray, out: DeviceArray | None = None, stream=None) -> DeviceArray:
+        """y = x @ W.T for x [n_tok, cols] (or [cols])."""
+        W = self._mat(W, "W")
+        x, n_tok = self._tokens(x, "x", W.cols)
+        y = self._out(out, "out", x.shape[:-1] + (W.rows,))
+        _check("pi_dev_gemm", self.lib.pi_dev_gemm(W._desc, x.ptr("float *"), n_tok, y.ptr("float *"),
+                                                   _stream(self.ffi, stream)))
+        return y
+
+    def sparse_rows(self, W: DeviceMatrix, idx: DeviceArray, x: DeviceArray, out: DeviceArray | None = None,
+                    stream=None) -> DeviceArray:
+        """y[..., k] = W[idx[k]] . x (indices checked on the device)."""
+        W, idx = self._mat(W, "W"), self._idx(idx, "idx")
+        x, n_tok = self._tokens(x, "x", W.cols)
+        y = self._out(out, "out", x.shape[:-1] + (idx.size,))
+        if idx.size:
+            _check("pi_dev_sparse_gemm_rows", self.lib.pi_dev_sparse_gemm_rows(
+                W._desc, idx.ptr("int32_t *"), idx.size, x.ptr("float *"), n_tok, y.ptr("float *"),
+                _stream(self.ffi, stream)))
+        return y
+
+    def sparse_axpy(self, Wt: DeviceMatrix, idx: DeviceArray, h: DeviceArray, y: DeviceArray,
+                    stream=None) -> DeviceArray:
+        """y[t] += sum_k h[t, k] * Wt[idx[k]] in place."""
+        Wt, idx = self._mat(Wt, "Wt"), self._idx(idx, "idx")
+        h, n_tok = self._tokens(h, "h", idx.size)
+        y = self._arr(y, "y", np.float32, (1, 2))
+        if y.shape != h.shape[:-1] + (Wt.cols,):
+            raise ValueError(f"y: expected shape {h.shape[:-1] + (Wt.cols,)}, got {y.shape}")
+        if idx.size:
+            _check("pi_dev_sparse_axpy_rows", self.lib.pi_dev_sparse_axpy_rows(
+                Wt._desc, idx.ptr("int32_t *"), idx.size, h.ptr("float *"), n_tok, y.ptr("float *"),
+                _stream(self.ffi, stream)))
+        return y
+
+    def sparse_ffn(self, gate: DeviceMatrix | None, up: DeviceMatrix, down_t: DeviceMatrix, x: DeviceArray,
+                   idx: DeviceArray, act: str = "reglu", out: DeviceArray | None = None, accumulate: bool = False,
+                   skip_threshold: float = 0.0, stream=None) -> DeviceArray:
+        """One layer's FFN over the neurons in idx (a set; a repeat is flagged on the device)."""
+        if act not in _ACT_NAMES:
+            raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(_ACT_NAMES)}")
+        up, down_t = self._mat(up, "up"), self._mat(down_t, "down_t")
+        if act == "relu":
+            if gate is not None:
+                raise ValueError("gate: must be None for act='relu' (no gate)")
+        else:
+            gate = self._mat(gate, "gate")
+            if (gate.rows, gate.cols) != (up.rows, up.cols):
+                raise ValueError(f"gate: shape {gate.rows}x{gate.cols} != up {up.rows}x{up.cols}")
+        if (down_t.rows, down_t.cols) != (up.rows, up.cols):
+            raise ValueError(f"down_t: shape {down_t.rows}x{down_t.cols} != up {up.rows}x{up.cols}")
+        idx = self._idx(idx, "idx")
+        if not (isinstance(skip_threshold, (int, float, np.floating)) and skip_threshold >= 0):
+            raise ValueError(f"skip_threshold: must be a number >= 0, got {skip_threshold!r}")
+        x, n_tok = self._tokens(x, "x", up.cols)
+        if accumulate and out is None:
+            raise ValueError("out: required with accumulate=True")
+        y = self._out(out, "out", x.shape[:-1] + (up.cols,))
+        _check("pi_dev_sparse_ffn", self.lib.pi_dev_sparse_ffn(
+            gate._desc if gate is not None else self.ffi.NULL, up._desc, down_t._desc, _ACT_NAMES[act],
+            idx.ptr("int32_t *") if idx.size else self.ffi.NULL, idx.size, x.ptr("float *"), n_tok,
+            y.ptr("float *"), int(bool(accumulate)), float(skip_threshold), _stream(self.ffi, stream)))
+        return y
+
+    def predict_logits(self, fc1: DeviceMatrix, fc2: DeviceMatrix, x: DeviceArray, out: DeviceArray | None = None,
+                       stream=None) -> DeviceArray:
+        """logits = fc2 . relu(fc1 . x), [n_tok, n_ff] (threshold them for the active set)."""
+        fc1, fc2 = self._mat(fc1, "fc1"), self._mat(fc2, "fc2")
+        if fc2.cols != fc1.rows:
+            raise ValueError(f"fc2: has {fc2.cols} columns but fc1 has rank {fc1.rows}")
+        x, n_tok = self._tokens(x, "x", fc1.cols)
+        y = self._out(out, "out", x.shape[:-1] + (fc2.rows,))
+        _check("pi_dev_predict_logits", self.lib.pi_dev_predict_logits(
+            fc1._desc, fc2._desc, x.ptr("float *"), n_tok, y.ptr("float *"), _stream(self.ffi, stream)))
+        return y
+
+    def __repr__(self) -> str:
+        return f"Device({self.backend}: {self.name}, {self.path})"
+
+
+# ---- the default device library, loaded on first use
+
+_lock = threading.Lock()
+_default: Device | None = None
+_tried = False
+_why_not = ""
+
+
+def library_path() -> pathlib.Path | None:
+    """PI_BACKEND_DEVICE_LIB if set, else the first built library next to this module."""
+    env = os.environ.get(ENV_LIBRARY)
+    if env:
+        return pathlib.Path(env)
+    for name in LIBRARY_NAMES:
+        if (HERE / name).is_file():
+            return HERE / name
+    return None
+
+
+def default() -> Device | None:
+    """The device library if one is built and finds a device, else None (reason: why_unavailable())."""
+    global _default, _tried, _why_not
+    with _lock:
+        if not _tried:
+            _tried = True
+            path = library_path()
+            if path is None:
+                _why_not = f"no device library built ({' / '.join(LIBRARY_NAMES)} in {HERE})"
+            else:
+                try:
+                    dev = Device(path)
+                    if dev.available():
+                        _default = dev
+                    else:
+                        _why_not = f"{path.name}: no usable device (driver or GPU missing)"
+                except (OSError, AttributeError) as e:  # not loadable, or built from another header
+                    _why_not = f"{path}: cannot be loaded ({e})"
+        return _default
+
+
+def available() -> bool:
+    """True if a device library is built and a GPU is usable; never raises."""
+    try:
+        return default() is not None
+    except Exception:  # noqa: BLE001 - available() is a probe
+        return False
+
+
+def why_unavailable() -> str:
+    default()
+    return _why_not
+
+
+def require() -> Device:
+    dev = default()
+    if dev is None:
+        raise RuntimeError(f"no GPU device: {why_unavailable()}")
+    return dev

@@ -1,0 +1,403 @@
+"""Device kernels (pi_dev_*, issue 7) against numpy, for every weight type, on each device library
+this machine can run:
+
+- gpu:   the built CUDA / HIP library on a real device (marked gpu, skipped without one);
+- emu:   the same kernel source compiled with g++ against the CPU emulator (cuda/gpu_emu.h), which
+         runs every block's threads as fibers with real barriers for __syncthreads and shuffles:
+         the kernels' indexing, reductions, tiling and error flags are tested on any machine;
+- emu64: the emulator with 64-lane warps, the geometry of CDNA GPUs under HIP.
+
+Weights are quantized / dequantized by the `gguf` package (tests/native_helpers.py), so the reference
+is independent of our decoders. Also here, without a GPU: the nvcc (and hipcc) compile of the
+library and its exported symbols, and device.available() on a machine without a device.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from pi_backend import native
+from pi_backend.native import build_gpu, device
+from tests.native_helpers import ALL_TYPES, assert_close, make_matrix
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FLOAT_TYPES = (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16)
+ACTS = ("reglu", "drelu", "relu", "swiglu", "geglu")
+TNAME = native.TYPE_NAMES
+
+
+# ------------------------------------------------------------------ the device libraries
+
+@pytest.fixture(scope="session", params=[pytest.param("gpu", marks=pytest.mark.gpu), "emu", "emu64"])
+def dev(request, tmp_path_factory) -> device.Device:
+    if request.param == "gpu":
+        if not device.available():
+            pytest.skip(f"no GPU: {device.why_unavailable()}")
+        return device.default()
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for the emulator build")
+    warp = 64 if request.param == "emu64" else 32
+    lib = build_gpu.build_emu(tmp_path_factory.mktemp(request.param), warp=warp, verbose=False)
+    return device.Device(lib)
+
+
+def upload(dev: device.Device, m: native.Matrix, layout: str = "dense") -> device.DeviceMatrix:
+    """m on the device as a packed matrix ("dense"), with padded rows ("stride": 6 bytes between rows,
+    so float rows are no longer 16-byte aligned), or at an odd address ("offset": 1 byte in)."""
+    if layout == "dense":
+        return dev.matrix(m)
+    rb = native.row_bytes(m.wtype, m.cols)
+    raw = m.buffer.reshape(-1).view(np.uint8)
+    stride = rb + 6 if layout == "stride" else rb
+    offset = 1 if layout == "offset" else 0
+    storage = np.zeros(offset + m.rows * stride, np.uint8)
+    for r in range(m.rows):
+        storage[offset + r * stride: offset + r * stride + rb] = raw[r * rb:(r + 1) * rb]
+    return device.DeviceMatrix(dev.to_device(storage), m.wtype, m.rows, m.cols, stride, offset)
+
+
+def layer(rng, wtype, n_ff, n_embd, scale=0.1):
+    """gate, up, down_t host matrices and their exact values"""
+    return [make_matrix(rng, n_ff, n_embd, wtype, scale) for _ in range(3)]
+
+
+def act_np(act: str, g: np.ndarray) -> np.ndarray:
+    if act == "swiglu":
+        return g / (1.0 + np.exp(-g))
+    if act == "geglu":
+        return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g ** 3)))
+    return np.maximum(g, 0.0)
+
+
+def ffn_hidden(gate, up, x, idx, act, thr):
+    """h [n_tok, n_idx] as pi_sparse_ffn defines it (float64)"""
+    x = x.astype(np.float64)
+    first = up if act == "relu" else gate
+    a = act_np(act, x @ first[idx].T.astype(np.float64))
+    a[np.abs(a) <= thr] = 0.0
+    if act != "relu":
+        u = x @ up[idx].T.astype(np.float64)
+        if act == "drelu":
+            u = np.maximum(u, 0.0)
+        a = np.where(a != 0.0, a * u, 0.0)
+    return a
+
+
+def safe_threshold(a: np.ndarray) -> float:
+    """A threshold near the median |activation| that sits in a wide gap, so float32 vs float64
+    rounding cannot move a neuron across it."""
+    v = np.unique(np.abs(a[a != 0]))
+    lo, hi = len(v) // 4, 3 * len(v) // 4
+    k = lo + int(np.argmax(np.diff(v[lo:hi + 1])))
+    return float((v[k] + v[k + 1]) / 2)
+
+
+# ------------------------------------------------------------------ dense and sparse rows
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
+@pytest.mark.parametrize("layout", ["dense", "stride", "offset"])
+@pytest.mark.parametrize("n_tok", [1, 3, 9])
+def test_gemm(dev, wtype, layout, n_tok):
+    rng = np.random.default_rng(10 + wtype)
+    # odd cols on the offset layout: float rows then take the generic (element-wise) path
+    cols = 100 if (layout == "offset" and wtype in FLOAT_TYPES) else 256
+    m, ref = make_matrix(rng, 37, cols, wtype)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    y = dev.gemm(upload(dev, m, layout), dev.to_device(x)).to_host()
+    assert_close(y, x.astype(np.float64) @ ref.T)
+
+
+def test_gemm_one_token_vector(dev):
+    rng = np.random.default_rng(1)
+    m, ref = make_matrix(rng, 33, 64, native.TYPE_F16)
+    x = rng.standard_normal(64).astype(np.float32)
+    y = dev.gemm(dev.matrix(m), dev.to_device(x)).to_host()
+    assert y.shape == (33,)
+    assert_close(y, ref.astype(np.float64) @ x)
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
+@pytest.mark.parametrize("n_tok", [1, 5])
+def test_sparse_rows(dev, wtype, n_tok):
+    rng = np.random.default_rng(20 + wtype)
+    m, ref = make_matrix(rng, 70, 128, wtype)
+    idx = np.array([69, 3, 3, 0, 41, 17, 68, 2, 3], np.int32)  # unsorted, repeats
+    x = rng.standard_normal((n_tok, 128)).astype(np.float32)
+    y = dev.sparse_rows(dev.matrix(m), dev.to_device(idx), dev.to_device(x)).to_host()
+    assert_close(y, x.astype(np.float64) @ ref[idx].T)
+
+
+def test_sparse_rows_empty(dev):
+    rng = np.random.default_rng(2)
+    m, _ = make_matrix(rng, 8, 64, native.TYPE_F16)
+    y = dev.sparse_rows(dev.matrix(m), dev.to_device(np.zeros(0, np.int32)),
+                        dev.to_device(np.ones((2, 64), np.float32)))
+    assert y.shape == (2, 0)
+
+
+# ------------------------------------------------------------------ down projection
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
+@pytest.mark.parametrize("n_tok", [1, 2, 6])
+@pytest.mark.parametrize("layout", ["dense", "offset"])
+def test_sparse_axpy(dev, wtype, n_tok, layout):
+    rng = np.random.default_rng(30 + wtype)
+    cols = 72 if (layout == "offset" and wtype in FLOAT_TYPES) else 256
+    m, ref = make_matrix(rng, 50, cols, wtype)
+    idx = rng.choice(50, 24, replace=False).astype(np.int32)
+    idx[5] = idx[6]  # a repeated index contributes once per occurrence
+    h = rng.standard_normal((n_tok, idx.size)).astype(np.float32)
+    h[:, 2] = 0.0    # a neuron no token needs: its row is never read
+    h[0, 7] = 0.0    # a zero for one token only
+    y0 = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    y = dev.to_device(y0)
+    dev.sparse_axpy(upload(dev, m, layout), dev.to_device(idx), dev.to_device(h), y)
+    assert_close(y.to_host(), y0 + h.astype(np.float64) @ ref[idx].astype(np.float64))
+
+
+@pytest.mark.parametrize("wtype", [native.TYPE_F16, native.TYPE_Q4_0, native.TYPE_F32], ids=TNAME.get)
+def test_sparse_axpy_split_reduction(dev, wtype):
+    """Enough rows that the list is split across blocks and summed by the second (reduce) kernel;
+    the result is deterministic: two runs agree bit for bit."""
+    rng = np.random.default_rng(40 + wtype)
+    m, ref = make_matrix(rng, 700, 256, wtype)
+    idx = rng.permutation(700)[:650].astype(np.int32)
+    h = rng.standard_normal((3, idx.size)).astype(np.float32)
+    W, didx, dh = dev.matrix(m), dev.to_device(idx), dev.to_device(h)
+    runs = []
+    for _ in range(2):
+        y = dev.zeros((3, 256))
+        dev.sparse_axpy(W, didx, dh, y)
+        runs.append(y.to_host())
+    assert_close(runs[0], h.astype(np.float64) @ ref[idx].astype(np.float64))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------ fused FFN
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
+@pytest.mark.parametrize("act", ACTS)
+def test_sparse_ffn(dev, wtype, act):
+    rng = np.random.default_rng(50 + wtype)
+    n_ff, n_embd = 96, 128
+    (g, gr), (u, ur), (d, dr) = layer(rng, wtype, n_ff, n_embd)
+    idx = np.sort(rng.choice(n_ff, 40, replace=False)).astype(np.int32)
+    x = rng.standard_normal((2, n_embd)).astype(np.float32)
+    y = dev.sparse_ffn(None if act == "relu" else dev.matrix(g), dev.matrix(u), dev.matrix(d),
+                       dev.to_device(x), dev.to_device(idx), act=act).to_host()
+    assert_close(y, ffn_hidden(gr, ur, x, idx, act, 0.0) @ dr[idx].astype(np.float64))
+
+
+@pytest.mark.parametrize("act", ["reglu", "swiglu", "relu"])
+@pytest.mark.parametrize("n_tok", [1, 4, 11])
+def test_sparse_ffn_threshold_accumulate(dev, act, n_tok):
+    rng = np.random.default_rng(60 + n_tok)
+    n_ff, n_embd = 80, 96
+    (g, gr), (u, ur), (d, dr) = layer(rng, native.TYPE_F16, n_ff, n_embd)
+    idx = rng.permutation(n_ff)[:50].astype(np.int32)  # unsorted set
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    first = ur if act == "relu" else gr
+    thr = safe_threshold(act_np(act, x.astype(np.float64) @ first[idx].T.astype(np.float64)))
+    y0 = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    y = dev.to_device(y0)
+    dev.sparse_ffn(None if act == "relu" else dev.matrix(g), dev.matrix(u), dev.matrix(d), dev.to_device(x),
+                   dev.to_device(idx), act=act, out=y, accumulate=True, skip_threshold=thr)
+    h = ffn_hidden(gr, ur, x, idx, act, thr)
+    assert (h == 0).any() and (h != 0).any()
+    assert_close(y.to_host(), y0 + h @ dr[idx].astype(np.float64))
+
+
+def test_sparse_ffn_empty_set(dev):
+    rng = np.random.default_rng(3)
+    (g, _), (u, _), (d, _) = layer(rng, native.TYPE_Q8_0, 32, 64)
+    G, U, D = dev.matrix(g), dev.matrix(u), dev.matrix(d)
+    x, none = dev.to_device(np.ones((2, 64), np.float32)), dev.to_device(np.zeros(0, np.int32))
+    y = dev.to_device(np.full((2, 64), 7.0, np.float32))
+    dev.sparse_ffn(G, U, D, x, none, out=y, accumulate=True)
+    assert (y.to_host() == 7.0).all()
+    dev.sparse_ffn(G, U, D, x, none, out=y)
+    assert (y.to_host() == 0.0).all()
+
+
+# ------------------------------------------------------------------ predictor
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_predict_logits(dev, wtype, n_tok):
+    rng = np.random.default_rng(70 + wtype)
+    n_embd, rank, n_ff = 128, 64, 150
+    fc1, r1 = make_matrix(rng, rank, n_embd, wtype)
+    fc2, r2 = make_matrix(rng, n_ff, rank, wtype)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    logits = dev.predict_logits(dev.matrix(fc1), dev.matrix(fc2), dev.to_device(x)).to_host()
+    z = np.maximum(x.astype(np.float64) @ r1.T, 0.0)
+    assert_close(logits, z @ r2.T)
+
+
+# ------------------------------------------------------------------ errors
+
+def _code(excinfo) -> int:
+    return excinfo.value.code
+
+
+def test_bad_indices_are_flagged_and_skipped(dev):
+    rng = np.random.default_rng(4)
+    m, ref = make_matrix(rng, 20, 64, native.TYPE_F16)
+    W, x = dev.matrix(m), dev.to_device(rng.standard_normal((2, 64)).astype(np.float32))
+    idx = np.array([1, 20, 5, -1, 19], np.int32)
+    y = dev.sparse_rows(W, dev.to_device(idx), x)
+    with pytest.raises(native.NativeError) as e:
+        dev.sync()
+    assert _code(e) == native.lib.PI_ERR_INDEX
+    dev.sync()  # the flag is cleared by the sync that reported it
+    out = y.to_host()
+    assert (out[:, [1, 3]] == 0).all()  # skipped: 0
+    ok = [0, 2, 4]
+    assert_close(out[:, ok], x.to_host().astype(np.float64) @ ref[idx[ok]].T)
+
+    h, yy = dev.to_device(np.ones((1, 2), np.float32)), dev.zeros((1, 64))
+    dev.sparse_axpy(W, dev.to_device(np.array([3, 1 << 30], np.int32)), h, yy)
+    with pytest.raises(native.NativeError) as e:
+        yy.to_host()
+    assert _code(e) == native.lib.PI_ERR_INDEX
+    dev.sync()
+
+
+def test_bad_index_flagged_even_with_zero_weight(dev):
+    rng = np.random.default_rng(5)
+    m, _ = make_matrix(rng, 10, 64, native.TYPE_F16)
+    y = dev.zeros((1, 64))
+    dev.sparse_axpy(dev.matrix(m), dev.to_device(np.array([10], np.int32)), dev.zeros((1, 1)), y)
+    with pytest.raises(native.NativeError) as e:
+        dev.sync()
+    assert _code(e) == native.lib.PI_ERR_INDEX
+
+
+@pytest.mark.parametrize("bad, code", [([3, 9, 3], "PI_ERR_DUPLICATE"), ([3, 32, 4], "PI_ERR_INDEX")])
+def test_sparse_ffn_bad_set(dev, bad, code):
+    rng = np.random.default_rng(6)
+    (g, _), (u, _), (d, _) = layer(rng, native.TYPE_F16, 32, 64)
+    dev.sparse_ffn(dev.matrix(g), dev.matrix(u), dev.matrix(d), dev.to_device(np.ones((1, 64), np.float32)),
+                   dev.to_device(np.array(bad, np.int32)))
+    with pytest.raises(native.NativeError) as e:
+        dev.sync()
+    assert _code(e) == getattr(native.lib, code)
+    dev.sync()
+
+
+def test_host_side_checks(dev):
+    """Descriptors and sizes are refused before any launch, with the CPU side's codes."""
+    rng = np.random.default_rng(7)
+    m, _ = make_matrix(rng, 16, 64, native.TYPE_Q4_0)
+    W = dev.matrix(m)
+    x, y = dev.to_device(np.ones((1, 64), np.float32)), dev.zeros((1, 16))
+    lib, ffi = dev.lib, dev.ffi
+    xp, yp = x.ptr("float *"), y.ptr("float *")
+
+    def gemm_with(**fields) -> int:
+        desc = ffi.new("pi_matrix *", {"data": W._desc.data, "data_bytes": W._desc.data_bytes, "rows": 16,
+                                       "cols": 64, "row_stride": W._desc.row_stride, "type": native.TYPE_Q4_0})
+        for k, v in fields.items():
+            setattr(desc, k, v)
+        return lib.pi_dev_gemm(desc, xp, 1, yp, ffi.NULL)
+
+    L = native.lib
+    assert gemm_with() == L.PI_OK
+    assert gemm_with(rows=17) == L.PI_ERR_BOUNDS
+    assert gemm_with(type=7) == L.PI_ERR_TYPE
+    assert gemm_with(cols=48, row_stride=36 * 2) == L.PI_ERR_ALIGN
+    assert gemm_with(row_stride=10) == L.PI_ERR_SHAPE
+    assert gemm_with(data=ffi.NULL) == L.PI_ERR_NULL
+    assert lib.pi_dev_gemm(W._desc, xp, 0, yp, ffi.NULL) == L.PI_ERR_SHAPE
+    assert lib.pi_dev_gemm(W._desc, ffi.NULL, 1, yp, ffi.NULL) == L.PI_ERR_NULL
+    assert lib.pi_dev_sparse_gemm_rows(W._desc, ffi.NULL, 3, xp, 1, yp, ffi.NULL) == L.PI_ERR_NULL
+    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 9, ffi.NULL, 0, xp, 1, yp, 0, 0.0, ffi.NULL) == L.PI_ERR_TYPE
+    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 0, ffi.NULL, 0, xp, 1, yp, 0, float("nan"),
+                                 ffi.NULL) == L.PI_ERR_SHAPE
+    assert lib.pi_dev_predict_logits(W._desc, W._desc, xp, 1, yp, ffi.NULL) == L.PI_ERR_SHAPE  # 64 != 16
+    assert lib.pi_dev_malloc(ffi.new("void **"), -1) == L.PI_ERR_SHAPE
+    dev.sync()
+
+
+# ------------------------------------------------------------------ memory
+
+def test_memory_accounting(dev):
+    used0 = dev.mem_used()
+    free0, total = dev.mem_info()
+    assert 0 < free0 <= total
+    a = dev.empty((3 << 20,), np.uint8)
+    assert dev.mem_used() == used0 + (3 << 20)
+    free1, _ = dev.mem_info()
+    assert free1 <= free0 - (3 << 20)
+    b = dev.to_device(np.arange(1000, dtype=np.float32))
+    assert dev.mem_used() == used0 + (3 << 20) + 4000
+    np.testing.assert_array_equal(b.to_host(), np.arange(1000, dtype=np.float32))
+    c = b.copy_to(dev.empty(1000))
+    np.testing.assert_array_equal(c.to_host(), np.arange(1000, dtype=np.float32))
+    a.free()
+    b.free()
+    c.free()
+    a.free()  # idempotent
+    assert dev.mem_used() == used0
+    free2, _ = dev.mem_info()
+    assert free2 >= free0 - (2 << 20)
+    # the ops' scratch does not count as held memory
+    rng = np.random.default_rng(8)
+    (g, _), (u, _), (d, _) = layer(rng, native.TYPE_F16, 64, 64)
+    G, U, D, x = dev.matrix(g), dev.matrix(u), dev.matrix(d), dev.to_device(np.ones((1, 64), np.float32))
+    idx, y = dev.to_device(np.arange(64, dtype=np.int32)), dev.empty((1, 64))
+    held = dev.mem_used()
+    dev.sparse_ffn(G, U, D, x, idx, out=y).to_host()
+    assert dev.mem_used() == held
+    with pytest.raises(ValueError, match="after free"):
+        a.ptr()
+
+
+# ------------------------------------------------------------------ without a GPU
+
+def test_available_without_a_library(monkeypatch):
+    """available() probes and never raises: a missing or unloadable library means False."""
+    monkeypatch.setattr(device, "_tried", False)
+    monkeypatch.setattr(device, "_default", None)
+    monkeypatch.setenv(device.ENV_LIBRARY, "/nonexistent/libpi_backend_cuda.so")
+    assert device.available() is False
+    assert "cannot be loaded" in device.why_unavailable()
+    with pytest.raises(RuntimeError, match="no GPU"):
+        device.require()
+
+
+def test_device_cdef_matches_header():
+    names = device.device_functions()
+    assert {"pi_dev_gemm", "pi_dev_sparse_gemm_rows", "pi_dev_sparse_axpy_rows", "pi_dev_sparse_ffn",
+            "pi_dev_predict_logits", "pi_dev_sync", "pi_dev_malloc", "pi_dev_mem_info"} <= set(names)
+
+
+def _exports(lib: pathlib.Path) -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    return {p[2] for p in (ln.split() for ln in out.splitlines()) if len(p) == 3 and p[1] == "T"}
+
+
+@pytest.mark.skipif(build_gpu.find_nvcc() is None or shutil.which("nm") is None, reason="needs nvcc and nm")
+def test_cuda_library_compiles_and_exports_every_entry_point(tmp_path):
+    """The nvcc compile, warnings as errors, for one arch (scripts/build-gpu.sh, run by CI, builds all):
+    a kernel that does not compile fails here even without a GPU."""
+    lib = build_gpu.build_cuda(tmp_path, archs="80", strict=True, verbose=False)
+    exported = _exports(lib)
+    assert set(device.device_functions()) <= exported
+    assert {s for s in exported if s.startswith("pi_")} == set(device.device_functions())  # nothing else
+    dev = device.Device(lib)  # loads without a GPU, and says so
+    assert dev.backend == "cuda"
+    assert isinstance(dev.available(), bool)
+    if not dev.available():
+        assert dev.name == "none"
+
+
+@pytest.mark.skipif(build_gpu.find_hipcc() is None or shutil.which("nm") is None, reason="needs hipcc and nm")
+def test_hip_library_compiles_and_exports_every_entry_point(tmp_path):
+    """The same kernel source through hipcc, for a wave64 target (gfx90a)."""
+    lib = build_gpu.build_hip(tmp_path, archs="gfx90a", strict=True, verbose=False)
+    assert set(device.device_functions()) <= _exports(lib)
