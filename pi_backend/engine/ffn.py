@@ -115,16 +115,13 @@ class SparseFFN:
         GEMV over the scattered activations (PowerInfer GGUF stores ffn_down_t for a sparse one)."""
         w, n_threads = self.weights, self._threads
         u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
+        g = u if self.act == "relu" else native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
+        a = g / (1 + np.exp(-g)) if self.act == "swiglu" else np.maximum(g, 0)
+        if self.mode == "threshold":  # the kernel's cut: |act(gate)| <= threshold contributes nothing
+            a[np.abs(a) <= self.threshold] = 0
         if self.act == "relu":
-            h = np.maximum(u, 0)
+            h = a
         else:
-            g = native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
-            if self.act == "swiglu":
-                a = g / (1 + np.exp(-g))
-                if self.mode == "threshold":
-                    a[np.abs(a) <= self.threshold] = 0
-            else:
-                a = np.maximum(g, 0)
             h = a * (np.maximum(u, 0) if self.act == "drelu" else u)
         h = np.ascontiguousarray(h, dtype=np.float32)
         if w.down_t is not None:

@@ -60,6 +60,8 @@ def default_mode(cfg: ModelConfig) -> str:
         return "sparse"
     if cfg.ffn_act in RELU_FAMILY:
         return "oracle"  # exact and free for ReLU models: silent neurons are skipped in the kernel
+    if cfg.layer_sparse_thresholds is not None:
+        return "threshold"  # a SiLU file calibrated by `pi-backend calibrate-threshold`
     return "dense"
 
 
