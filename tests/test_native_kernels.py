@@ -1,13 +1,43 @@
-"""Every CPU kernel x weight type x ISA variant against numpy, on values dequantized by `gguf`."""
+"""Every CPU kernel x weight type x ISA variant against numpy, on values dequantized by `gguf`.
+
+Q8_0 and Q4_0 rows are multiplied with activations quantized to Q8_0 blocks once per token, as
+llama.cpp does (its vec_dot_type), so their reference is computed on the activations as llama.cpp's
+x86 backend quantizes them (q8_activations); every ISA variant must reproduce that quantization bit for
+bit (test_activation_quantization_is_llama_cpps). The down projection (axpy) keeps float activations.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants
 
 from pi_backend import native
 from tests.native_helpers import ALL_TYPES, assert_close, make_matrix, valid_cols
 
 TYPE_IDS = [native.TYPE_NAMES[t] for t in ALL_TYPES]
+QUANT_TYPES = (native.TYPE_Q8_0, native.TYPE_Q4_0)
+
+
+def q8_activations(x):
+    """x quantized to Q8_0 blocks and back as llama.cpp's x86 CPU backend does before Q8_0 / Q4_0
+    matrix products (quantize_row_q8_0 and its repacked variant in AVX/AVX2/AVX-512 builds): per 32
+    values amax = max|x|, d = fp16(amax / 127), q = round-half-even(x * (127 / amax)). gguf-py (and
+    ggml's scalar reference) compute x * (1 / d) and round half away from zero instead: the two differ
+    on exact ties and on about 2 in a million float32 values."""
+    b = np.asarray(x, np.float32).reshape(-1, 32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    return (np.rint(b * inv) * d).reshape(np.shape(x))
+
+
+def act_ref(x, wtype):
+    """The activations a row of `wtype` is multiplied with: q8_activations for quantized weights,
+    unchanged otherwise (float64)."""
+    x = np.asarray(x, np.float32)
+    return (q8_activations(x) if wtype in QUANT_TYPES else x).astype(np.float64)
 
 
 def relu(v):
@@ -22,9 +52,10 @@ def gelu_tanh(v):
     return 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))
 
 
-def ffn_reference(act, g_ref, u_ref, d_ref, x, idx):
-    """Dense numpy FFN restricted to the neurons in idx (float64)."""
-    x64 = x.astype(np.float64)
+def ffn_reference(act, g_ref, u_ref, d_ref, x, idx, wtype=native.TYPE_F32):
+    """Dense numpy FFN restricted to the neurons in idx (float64); gate and up see the activations as
+    rows of `wtype` do (act_ref), the down projection takes h unquantized."""
+    x64 = act_ref(x, wtype)
     u = x64 @ u_ref[idx].T.astype(np.float64)
     if act == "relu":
         h = relu(u)
@@ -43,8 +74,9 @@ def test_gemm_matches_numpy(isa, wtype, rows, cols, n_tok):
     cols = valid_cols(wtype, cols)
     W, ref = make_matrix(rng, rows, cols, wtype)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-    assert_close(native.gemm(W, x), x.astype(np.float64) @ ref.T.astype(np.float64))
-    assert_close(native.gemm(W, x[0]), x[0].astype(np.float64) @ ref.T.astype(np.float64))
+    xr = act_ref(x, wtype)
+    assert_close(native.gemm(W, x), xr @ ref.T.astype(np.float64))
+    assert_close(native.gemm(W, x[0]), xr[0] @ ref.T.astype(np.float64))
 
 
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
@@ -58,7 +90,65 @@ def test_sparse_rows_reads_only_listed_rows(isa, wtype, n_tok):
                 np.arange(rows, dtype=np.int32), rng.choice(rows, 23, replace=False).astype(np.int32)):
         y = native.sparse_rows(W, idx, x)
         assert y.shape == (n_tok, idx.size)
-        assert_close(y, x.astype(np.float64) @ ref[idx].T.astype(np.float64))
+        assert_close(y, act_ref(x, wtype) @ ref[idx].T.astype(np.float64))
+
+
+def quant_probe_activations(rng, n_blocks=24):
+    """Blocks that exercise the activation quantizer: random scales, halfway cases (max 127 makes
+    127 / max = 1, so x.5 lands exactly on a tie), values just below a tie, a value where x * (127 /
+    max) and x * (1 / d) round apart, an all-zero block, and scales that are fp16 subnormals, round
+    to zero or come close to the largest fp16."""
+    x = rng.standard_normal((n_blocks, 32)).astype(np.float32) * np.logspace(-2, 2, n_blocks, dtype=np.float32)[:, None]
+    x[0] = 0.0
+    x[1] = np.arange(-15.5, 16.5, 1.0, dtype=np.float32)[:32]
+    x[1, 0] = 127.0
+    x[2] = -x[1]
+    x[3] = np.nextafter(x[1], np.float32(0))
+    x[3, 0] = 127.0
+    x[4] *= np.float32(1e-3) / np.abs(x[4]).max()    # d = 7.9e-6: an fp16 subnormal
+    x[5] *= np.float32(3e-5) / np.abs(x[5]).max()    # d is a few fp16 subnormal ulps
+    x[8] *= np.float32(3e-6) / np.abs(x[8]).max()    # d rounds to 0 although q does not
+    x[6] *= np.float32(8.3e6) / np.abs(x[6]).max()   # d close to the largest fp16
+    x[7] = np.where(x[7] < 0, -3.0, 3.0)              # all of equal magnitude: q = +-127
+    x[9, :2] = np.array([1066328253, 3204333904], np.uint32).view(np.float32)  # 127/amax vs 1/d: -56 vs -57
+    x[9, 2:] *= x[9, 0] / np.abs(x[9, 2:]).max() / 2
+    return x.reshape(-1)
+
+
+@pytest.mark.parametrize("wtype", QUANT_TYPES, ids=["Q8_0", "Q4_0"])
+def test_activation_quantization_is_llama_cpps(isa, wtype):
+    """A one-hot weight row j makes y[j] = w_jj * (the quantized x_j), so every activation value the
+    kernel used is read back: each ISA variant must quantize exactly as q8_activations (one q off by
+    one moves y by >= 1/127 relative, one fp16 step of d by 1/1024; the tolerance only absorbs float
+    rounding)."""
+    rng = np.random.default_rng(8)
+    x = quant_probe_activations(rng)
+    n = x.size
+    eye = np.eye(n, dtype=np.float32)
+    gt = {native.TYPE_Q8_0: GT.Q8_0, native.TYPE_Q4_0: GT.Q4_0}[wtype]
+    raw = np.ascontiguousarray(quants.quantize(eye, gt))
+    W = native.Matrix(raw, wtype, n, n)
+    diag = np.diag(quants.dequantize(raw, gt).reshape(n, n)).astype(np.float64)
+    want = act_ref(x, wtype) * diag
+    for got in (native.gemm(W, x), native.gemm(W, np.stack([x, x]))[1],
+                native.sparse_rows(W, np.arange(n, dtype=np.int32)[::-1].copy(), x)[::-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+    # the reference itself: gguf's quantizer agrees except on the blocks built to tell them apart
+    gguf_x = quants.dequantize(quants.quantize(x, GT.Q8_0), GT.Q8_0).reshape(-1, 32)
+    differs = np.flatnonzero((gguf_x != q8_activations(x).reshape(-1, 32)).any(axis=1))
+    assert set(differs) == {1, 2, 9}
+
+
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+def test_nonfinite_activations_propagate(isa, wtype):
+    """An inf or NaN activation makes every output non-finite, for quantized rows as for float ones."""
+    rng = np.random.default_rng(9)
+    cols = valid_cols(wtype, 96)
+    W, _ = make_matrix(rng, 5, cols, wtype)
+    for bad in (np.inf, np.nan):
+        x = rng.standard_normal(cols).astype(np.float32)
+        x[37] = bad
+        assert not np.isfinite(native.gemm(W, x)).any()
 
 
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
@@ -77,6 +167,13 @@ def test_sparse_axpy_accumulates_rows(isa, wtype, n_tok, cols):
     assert_close(y, y0 + h.astype(np.float64) @ ref[idx].astype(np.float64))
     same = native.sparse_axpy(Wt, np.array([], np.int32), np.zeros((n_tok, 0), np.float32), y0.copy())
     np.testing.assert_array_equal(same, y0)
+    # many rows: several kernel groups, each prefetching the next, and per-token zero weights
+    idx = rng.integers(0, rows, 150).astype(np.int32)
+    h = rng.standard_normal((n_tok, idx.size)).astype(np.float32)
+    h[rng.random(h.shape) < 0.3] = 0.0
+    for n_threads in (1, 2):
+        y = native.sparse_axpy(Wt, idx, h, y0.copy(), n_threads=n_threads)
+        assert_close(y, y0 + h.astype(np.float64) @ ref[idx].astype(np.float64))
 
 
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
@@ -93,14 +190,14 @@ def test_sparse_ffn_matches_dense_reference(isa, wtype, act, n_tok):
     for idx in (np.arange(n_ff, dtype=np.int32), np.sort(rng.choice(n_ff, 40, replace=False)).astype(np.int32),
                 np.array([200, 3, 77], np.int32)):
         y = native.sparse_ffn(g, up, down, x, idx, act=act)
-        assert_close(y, ffn_reference(act, g_ref, u_ref, d_ref, x, idx), rtol=5e-5)
+        assert_close(y, ffn_reference(act, g_ref, u_ref, d_ref, x, idx, wtype), rtol=5e-5)
     # the empty set contributes nothing; accumulate adds onto what is there
     y0 = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     np.testing.assert_array_equal(native.sparse_ffn(g, up, down, x, np.array([], np.int32), act=act,
                                                     out=y0.copy(), accumulate=True), y0)
     idx = np.arange(0, n_ff, 3, dtype=np.int32)
     y = native.sparse_ffn(g, up, down, x, idx, act=act, out=y0.copy(), accumulate=True)
-    assert_close(y, y0 + ffn_reference(act, g_ref, u_ref, d_ref, x, idx), rtol=5e-5)
+    assert_close(y, y0 + ffn_reference(act, g_ref, u_ref, d_ref, x, idx, wtype), rtol=5e-5)
 
 
 def test_relu_ffn_skips_neurons_that_do_not_fire(isa):
@@ -143,7 +240,7 @@ def test_predictor_matches_numpy(isa, wtype, n_tok):
     fc1, f1 = make_matrix(rng, rank, n_embd, wtype, 0.3)
     fc2, f2 = make_matrix(rng, n_ff, rank, wtype, 0.3)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
-    logits = relu(x.astype(np.float64) @ f1.T) @ f2.T
+    logits = act_ref(relu(act_ref(x, wtype) @ f1.T), wtype) @ f2.T
     for thr in (0.0, 1.5, -1.0):
         got = native.predict(fc1, fc2, x, thr)
         want = np.flatnonzero((logits >= thr).any(axis=0))
@@ -153,10 +250,11 @@ def test_predictor_matches_numpy(isa, wtype, n_tok):
         assert np.all(np.diff(got) > 0)
 
 
-def test_results_do_not_depend_on_thread_count(isa):
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+def test_results_do_not_depend_on_thread_count(isa, wtype):
     rng = np.random.default_rng(5)
-    n_ff, n_embd = 1024, 512
-    mats = [make_matrix(rng, n_ff, n_embd, native.TYPE_Q4_0)[0] for _ in range(3)]
+    n_ff, n_embd = 1024, valid_cols(wtype, 520)  # 520: float rows split between threads at any column
+    mats = [make_matrix(rng, n_ff, n_embd, wtype)[0] for _ in range(3)]
     x = rng.standard_normal((3, n_embd)).astype(np.float32)
     idx = np.sort(rng.choice(n_ff, 300, replace=False)).astype(np.int32)
     outs = [native.sparse_ffn(*mats, x, idx, n_threads=n) for n in (1, 2, 3)]

@@ -13,10 +13,38 @@
 
 enum { PI_T_F32, PI_T_F16, PI_T_BF16, PI_T_Q8_0, PI_T_Q4_0, PI_T_COUNT };
 
-/* dot(row, x) over n elements (n a multiple of the block size for quantized types) */
-typedef float (*pi_dot_fn)(const void *row, const float *x, int64_t n);
-/* y += a * row */
-typedef void (*pi_axpy_fn)(const void *row, float a, float *y, int64_t n);
+/* Activations of one token quantized to Q8 blocks, the form Q8_0 and Q4_0 rows are multiplied with
+ * (llama.cpp's vec_dot_type), exactly as llama.cpp's x86 CPU backend does it (quantize_row_q8_0 and
+ * its repacked variant, AVX/AVX2/AVX-512 builds): per 32 values amax = max|x|, d = amax / 127 kept as
+ * fp16, q = round-half-to-even(x * (127 / amax)). (gguf-py and ggml's scalar reference differ: x * (1 /
+ * d) and roundf, which disagree on about 2 values per million float32 activations.) Every ISA variant
+ * here produces exactly these values, so every variant computes the same function. The q of a block
+ * holding inf or NaN are unspecified; its d is NaN. */
+typedef struct pi_xq {
+    const int8_t *qs;   /* [n] */
+    const int32_t *off; /* [n / 4]: per block 8 int32, the start values of the SIMD integer dots against
+                         * Q4_0 nibbles: lanes 0-3 (elements 0-15) -8 * (sum of each 4 qs), lanes 4-7
+                         * (elements 16-31) -128 * (sum of each 4 qs), as the high nibbles are
+                         * multiplied in place, i.e. times 16 (see kernels_avx512.c) */
+    const float *d;     /* [n / 32] block scales, fp16-rounded, as float */
+} pi_xq;
+
+/* x -> (qs, off, d) for n a multiple of 32 */
+typedef void (*pi_quantize_x_fn)(const float *x, int64_t n, int8_t *qs, int32_t *off, float *d);
+
+/* dot(row, x) over n elements (n a multiple of the block size for quantized types). x is the token's
+ * activations as float for F32/F16/BF16 and as a pi_xq for Q8_0/Q4_0. pf: NULL, or a row of the same
+ * type and length that is prefetched as this one is read (the row a few rows ahead in the list), so
+ * that scattered rows stream like one long row. */
+typedef float (*pi_dot_fn)(const void *row, const void *x, int64_t n, const void *pf);
+
+/* y[0:n] += sum_r a[r] * rows[r][0:n], rows summed in order r = 0, 1, .. nr - 1 into each element
+ * (the same order as one row at a time), for nr <= PI_AXPY_ROWS; y is read and written once per call.
+ * pf: npf rows to prefetch meanwhile (the next group's), or npf = 0. */
+#define PI_AXPY_ROWS 8
+typedef void (*pi_axpy_fn)(const void *const *rows, const float *a, int nr, float *y, int64_t n,
+                           const void *const *pf, int npf);
+
 /* out = row as F32 */
 typedef void (*pi_to_f32_fn)(const void *row, float *out, int64_t n);
 
@@ -25,7 +53,25 @@ typedef struct pi_kernel_table {
     pi_dot_fn dot[PI_T_COUNT];
     pi_axpy_fn axpy[PI_T_COUNT];
     pi_to_f32_fn to_f32[PI_T_COUNT];
+    pi_quantize_x_fn quantize_x;
 } pi_kernel_table;
+
+/* fp16 -> fp32 for every half (256 KiB, ggml's table): the block scales of quantized rows are read
+ * through it, cheaper than a scalar conversion per block. Filled by pi_kernels_init(), which ops.c
+ * runs before the first kernel call. */
+extern float pi_fp16_table[1 << 16];
+void pi_kernels_init(void);
+
+/* is this weight type multiplied with quantized activations (pi_xq)? */
+static inline int pi_slot_is_quant(int slot) { return slot == PI_T_Q8_0 || slot == PI_T_Q4_0; }
+
+/* Prefetch (into L2) the lines of pf that hold bytes [lo, hi): called by a kernel with the byte range
+ * of its own row it has just consumed, so the prefetch stream keeps pace with the reads. */
+static inline void pi_prefetch_span(const void *pf, int64_t lo, int64_t hi) {
+    if (!pf) return;
+    uintptr_t a = ((uintptr_t)pf + (uintptr_t)lo) & ~(uintptr_t)63, e = (uintptr_t)pf + (uintptr_t)hi;
+    for (; a < e; a += 64) __builtin_prefetch((const void *)a, 0, 2);
+}
 
 extern const pi_kernel_table pi_kernels_scalar;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -60,6 +106,25 @@ static inline float pi_fp16_to_fp32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* float -> IEEE half, round to nearest even (as F16C and numpy), exact for every input */
+static inline uint16_t pi_fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;                  /* nan */
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;                 /* >= 65520 rounds to inf */
+    if (ax >= 0x38800000u) {                                      /* normal half (>= 2^-14) */
+        uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);             /* round to nearest even at bit 13 */
+        return sign | (uint16_t)((r - 0x38000000u) >> 13);        /* rebias 127 -> 15 */
+    }
+    if (ax <= 0x33000000u) return sign;                           /* <= 2^-25 rounds to 0 */
+    /* subnormal half: round(|f| / 2^-24) with |f| = m * 2^(e - 150) */
+    const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, sh = 126 - e; /* 14..24 */
+    const uint32_t q = m >> sh, rem = m & ((1u << sh) - 1), halfway = 1u << (sh - 1);
+    return sign | (uint16_t)(q + (rem > halfway || (rem == halfway && (q & 1u))));
 }
 
 static inline float pi_bf16_to_fp32(uint16_t h) {

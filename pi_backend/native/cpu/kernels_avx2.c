@@ -1,11 +1,12 @@
 /* kernels_avx2.c — AVX2 + FMA + F16C row kernels (the common x86-64 desktop baseline). Same structure
- * as kernels_avx512.c at 8 floats per vector. */
+ * as kernels_avx512.c at 8 floats per vector; the integer dots use vpmaddubsw + vpmaddwd. */
 #include "kernels.h"
 
 #ifdef PI_HAVE_X86_KERNELS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
+#include <math.h>
 
 #define W 8
 
@@ -23,10 +24,46 @@ static inline __m256 load_bf16(const uint16_t *p) {
 static inline float half(uint16_t h) { return _cvtsh_ss(h); }
 static inline float ident(float v) { return v; }
 
-#define DOT_BODY(LOAD, SCALAR)                                                        \
+/* ---- activations -> Q8 blocks, bit for bit as kernels_scalar.c */
+static void quantize_x(const float *x, int64_t n, int8_t *qs, int32_t *off, float *d) {
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+    for (int64_t b = 0; b < n / 32; b++, x += 32, qs += 32, off += 8) {
+        /* max |x| on the bit patterns: exact, and >= 0x7f800000 iff some value is inf / NaN */
+        __m256i m = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++)
+            m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * j)), absmask));
+        __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4e));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xb1));
+        const uint32_t mb = (uint32_t)_mm_cvtsi128_si32(m4);
+        float amax;
+        memcpy(&amax, &mb, 4);
+        const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        __m256i qi[4];
+        for (int j = 0; j < 4; j++) {
+            /* round half to even (explicitly, whatever MXCSR says); then an exact conversion */
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), id);
+            qi[j] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        /* 4 x 8 int32 -> 32 int8 (the packs interleave lanes; the permute restores the order) */
+        __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)qs, q);
+        /* off: 8 q (lanes 0-3) or 128 q (lanes 4-7) summed over each group of 4 (|pair sums| <= 32512) */
+        const __m256i mult = _mm256_setr_epi64x(0x0808080808080808ll, 0x0808080808080808ll,
+                                                (long long)0x8080808080808080ull, (long long)0x8080808080808080ull);
+        const __m256i s8 = _mm256_madd_epi16(_mm256_maddubs_epi16(mult, q), _mm256_set1_epi16(1));
+        _mm256_storeu_si256((__m256i *)off, _mm256_sub_epi32(_mm256_setzero_si256(), s8));
+        d[b] = mb < 0x7f800000u ? _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT)) : __builtin_nanf("");
+    }
+}
+
+/* ---- dot products */
+#define DOT_BODY(LOAD, SCALAR, ESIZE)                                                 \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
     int64_t i = 0;                                                                     \
     for (; i + 4 * W <= n; i += 4 * W) {                                               \
+        pi_prefetch_span(pf, i * ESIZE, (i + 4 * W) * ESIZE);                          \
         a0 = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(x + i), a0);                 \
         a1 = _mm256_fmadd_ps(LOAD(w + i + W), _mm256_loadu_ps(x + i + W), a1);         \
         a2 = _mm256_fmadd_ps(LOAD(w + i + 2 * W), _mm256_loadu_ps(x + i + 2 * W), a2); \
@@ -37,113 +74,169 @@ static inline float ident(float v) { return v; }
     for (; i < n; i++) s += SCALAR(w[i]) * x[i];                                        \
     return s;
 
-static float dot_f32(const void *row, const float *x, int64_t n) {
-    const float *w = (const float *)row;
-    DOT_BODY(_mm256_loadu_ps, ident)
+static float dot_f32(const void *row, const void *xv, int64_t n, const void *pf) {
+    const float *w = (const float *)row, *x = (const float *)xv;
+    DOT_BODY(_mm256_loadu_ps, ident, 4)
 }
-static float dot_f16(const void *row, const float *x, int64_t n) {
+static float dot_f16(const void *row, const void *xv, int64_t n, const void *pf) {
     const uint16_t *w = (const uint16_t *)row;
-    DOT_BODY(load_f16, half)
+    const float *x = (const float *)xv;
+    DOT_BODY(load_f16, half, 2)
 }
-static float dot_bf16(const void *row, const float *x, int64_t n) {
+static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf) {
     const uint16_t *w = (const uint16_t *)row;
-    DOT_BODY(load_bf16, pi_bf16_to_fp32)
+    const float *x = (const float *)xv;
+    DOT_BODY(load_bf16, pi_bf16_to_fp32, 2)
+}
+
+/* Quantized rows x pi_xq: per block, vpmaddubsw (unsigned x signed bytes -> int16 pairs) and vpmaddwd
+ * (-> int32 sums of 4), converted to float once per block and scaled by both scales in one FMA. */
+#define QDOT_BODY(BLOCK_INT, BSIZE)                                                          \
+    const pi_xq *x = (const pi_xq *)xv;                                                      \
+    const int64_t nb = n / 32;                                                               \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    int64_t k = 0;                                                                           \
+    for (; k + 4 <= nb; k += 4) {                                                            \
+        pi_prefetch_span(pf, k * BSIZE, (k + 4) * BSIZE);                                    \
+        for (int j = 0; j < 4; j++) {                                                        \
+            const __m256i is = BLOCK_INT(b + k + j, x, k + j);                               \
+            const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[k + j].d] * x->d[k + j]);        \
+            acc[j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(is), acc[j]);                     \
+        }                                                                                    \
+    }                                                                                        \
+    for (; k < nb; k++)                                                                      \
+        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(pi_fp16_table[b[k].d] * x->d[k]),            \
+                                 _mm256_cvtepi32_ps(BLOCK_INT(b + k, x, k)), acc[0]);         \
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+
+/* Q8_0: |w| times x with w's sign moved onto x (|w| <= 128, so the int16 pair sums cannot saturate) */
+static inline __m256i q8_block_int(const pi_block_q8_0 *b, const pi_xq *x, int64_t k) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)b->qs);
+    const __m256i xq = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+/* Q4_0: nibbles 0..15 are unsigned (pair sums <= 2 * 15 * 127); off supplies the "- 8" (its lanes
+ * 4-7 hold -128 * sums for the AVX-512 kernel, shifted back to -8 * sums here) */
+static inline __m256i q4_block_int(const pi_block_q4_0 *b, const pi_xq *x, int64_t k) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
+    const __m256i off = _mm256_srav_epi32(_mm256_loadu_si256((const __m256i *)(x->off + 8 * k)),
+                                          _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)), off);
+}
+
+static float dot_q8_0(const void *row, const void *xv, int64_t n, const void *pf) {
+    const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
+    QDOT_BODY(q8_block_int, PI_BLOCK_BYTES_Q8_0)
+}
+static float dot_q4_0(const void *row, const void *xv, int64_t n, const void *pf) {
+    const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
+    QDOT_BODY(q4_block_int, PI_BLOCK_BYTES_Q4_0)
+}
+
+/* ---- y += sum_r a[r] * rows[r] with a tile of y in registers (see kernels_avx512.c); the block
+ * scales of quantized rows are read through pi_fp16_table */
+static inline void prefetch_rows(const void *const *pf, int npf, int64_t lo, int64_t hi) {
+    for (int r = 0; r < npf; r++) pi_prefetch_span(pf[r], lo, hi);
+}
+
+#define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
+    __m256 va[PI_AXPY_ROWS];                                                          \
+    for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);                        \
+    int64_t i = 0;                                                                    \
+    for (; i + 4 * W <= n; i += 4 * W) {                                              \
+        prefetch_rows(pf, npf, i * ESIZE, (i + 4 * W) * ESIZE);                       \
+        __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + W);          \
+        __m256 y2 = _mm256_loadu_ps(y + i + 2 * W), y3 = _mm256_loadu_ps(y + i + 3 * W); \
+        for (int r = 0; r < nr; r++) {                                                \
+            const TYPE *w = (const TYPE *)rows[r] + i;                                \
+            y0 = _mm256_fmadd_ps(va[r], LOAD(w), y0);                                 \
+            y1 = _mm256_fmadd_ps(va[r], LOAD(w + W), y1);                             \
+            y2 = _mm256_fmadd_ps(va[r], LOAD(w + 2 * W), y2);                         \
+            y3 = _mm256_fmadd_ps(va[r], LOAD(w + 3 * W), y3);                         \
+        }                                                                             \
+        _mm256_storeu_ps(y + i, y0); _mm256_storeu_ps(y + i + W, y1);                 \
+        _mm256_storeu_ps(y + i + 2 * W, y2); _mm256_storeu_ps(y + i + 3 * W, y3);     \
+    }                                                                                 \
+    for (; i + W <= n; i += W) {                                                      \
+        __m256 y0 = _mm256_loadu_ps(y + i);                                           \
+        for (int r = 0; r < nr; r++) y0 = _mm256_fmadd_ps(va[r], LOAD((const TYPE *)rows[r] + i), y0); \
+        _mm256_storeu_ps(y + i, y0);                                                  \
+    }                                                                                 \
+    for (; i < n; i++)                                                                \
+        for (int r = 0; r < nr; r++) y[i] = fmaf(a[r], SCALAR(((const TYPE *)rows[r])[i]), y[i]);
+
+static void axpy_f32(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                     int npf) {
+    AXPY_BODY(float, _mm256_loadu_ps, ident, 4)
+}
+static void axpy_f16(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                     int npf) {
+    AXPY_BODY(uint16_t, load_f16, half, 2)
+}
+static void axpy_bf16(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    AXPY_BODY(uint16_t, load_bf16, pi_bf16_to_fp32, 2)
 }
 
 /* 8 int8 -> 8 floats */
 static inline __m256 i8x8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 
-static inline __m256 q8_block(const pi_block_q8_0 *b, const float *x) {
-    __m256 s = _mm256_mul_ps(i8x8(b->qs), _mm256_loadu_ps(x));
-    s = _mm256_fmadd_ps(i8x8(b->qs + 8), _mm256_loadu_ps(x + 8), s);
-    s = _mm256_fmadd_ps(i8x8(b->qs + 16), _mm256_loadu_ps(x + 16), s);
-    return _mm256_fmadd_ps(i8x8(b->qs + 24), _mm256_loadu_ps(x + 24), s);
-}
-
-static float dot_q8_0(const void *row, const float *x, int64_t n) {
-    const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
-    int64_t nb = n / PI_QK8_0, k = 0;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    for (; k + 2 <= nb; k += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k].d)), q8_block(b + k, x + k * 32), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k + 1].d)), q8_block(b + k + 1, x + (k + 1) * 32), a1);
-    }
-    if (k < nb) a0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k].d)), q8_block(b + k, x + k * 32), a0);
-    return hsum(_mm256_add_ps(a0, a1));
-}
-
-/* Q4_0 block -> 4 vectors of 8 floats (elements 0..7, 8..15 from low nibbles; 16..31 from high) */
-static inline void q4_unpack(const pi_block_q4_0 *b, __m256 out[4]) {
-    __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
-    __m128i m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    __m128i l = _mm_sub_epi8(_mm_and_si128(v, m), eight);
-    __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m), eight);
-    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(l));
-    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(l, 8)));
-    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
-    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(h, 8)));
-}
-
-static inline __m256 q4_block(const pi_block_q4_0 *b, const float *x) {
-    __m256 q[4];
-    q4_unpack(b, q);
-    __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
-    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), s);
-    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), s);
-    return _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), s);
-}
-
-static float dot_q4_0(const void *row, const float *x, int64_t n) {
-    const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
-    int64_t nb = n / PI_QK4_0, k = 0;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    for (; k + 2 <= nb; k += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k].d)), q4_block(b + k, x + k * 32), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k + 1].d)), q4_block(b + k + 1, x + (k + 1) * 32), a1);
-    }
-    if (k < nb) a0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[k].d)), q4_block(b + k, x + k * 32), a0);
-    return hsum(_mm256_add_ps(a0, a1));
-}
-
-#define AXPY_BODY(LOAD, SCALAR)                                                      \
-    __m256 va = _mm256_set1_ps(a);                                                    \
-    int64_t i = 0;                                                                    \
-    for (; i + W <= n; i += W)                                                        \
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, LOAD(w + i), _mm256_loadu_ps(y + i))); \
-    for (; i < n; i++) y[i] += a * SCALAR(w[i]);
-
-static void axpy_f32(const void *row, float a, float *y, int64_t n) {
-    const float *w = (const float *)row;
-    AXPY_BODY(_mm256_loadu_ps, ident)
-}
-static void axpy_f16(const void *row, float a, float *y, int64_t n) {
-    const uint16_t *w = (const uint16_t *)row;
-    AXPY_BODY(load_f16, half)
-}
-static void axpy_bf16(const void *row, float a, float *y, int64_t n) {
-    const uint16_t *w = (const uint16_t *)row;
-    AXPY_BODY(load_bf16, pi_bf16_to_fp32)
-}
-
-static void axpy_q8_0(const void *row, float a, float *y, int64_t n) {
-    const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
-    for (int64_t k = 0; k < n / PI_QK8_0; k++, y += 32) {
-        __m256 s = _mm256_set1_ps(a * half(b[k].d));
-        for (int j = 0; j < 32; j += 8)
-            _mm256_storeu_ps(y + j, _mm256_fmadd_ps(s, i8x8(b[k].qs + j), _mm256_loadu_ps(y + j)));
+static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    __m256 va[PI_AXPY_ROWS];
+    for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
+    for (int64_t k = 0; k < n / 32; k++) {
+        if (!(k & 1)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (k + 2) * PI_BLOCK_BYTES_Q8_0);
+        __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
+        __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
+        for (int r = 0; r < nr; r++) {
+            const pi_block_q8_0 *b = (const pi_block_q8_0 *)rows[r] + k;
+            const __m256 s = _mm256_mul_ps(va[r], _mm256_set1_ps(pi_fp16_table[b->d]));
+            y0 = _mm256_fmadd_ps(s, i8x8(b->qs), y0);
+            y1 = _mm256_fmadd_ps(s, i8x8(b->qs + 8), y1);
+            y2 = _mm256_fmadd_ps(s, i8x8(b->qs + 16), y2);
+            y3 = _mm256_fmadd_ps(s, i8x8(b->qs + 24), y3);
+        }
+        _mm256_storeu_ps(y + 32 * k, y0); _mm256_storeu_ps(y + 32 * k + 8, y1);
+        _mm256_storeu_ps(y + 32 * k + 16, y2); _mm256_storeu_ps(y + 32 * k + 24, y3);
     }
 }
 
-static void axpy_q4_0(const void *row, float a, float *y, int64_t n) {
-    const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
-    for (int64_t k = 0; k < n / PI_QK4_0; k++, y += 32) {
-        __m256 s = _mm256_set1_ps(a * half(b[k].d)), q[4];
-        q4_unpack(b + k, q);
-        for (int j = 0; j < 4; j++)
-            _mm256_storeu_ps(y + 8 * j, _mm256_fmadd_ps(s, q[j], _mm256_loadu_ps(y + 8 * j)));
+/* Q4_0 nibbles -> floats without integer conversion: widen the bytes to 32-bit lanes, then OR a low
+ * nibble into the mantissa of 2^23 (ulp 1) and a high nibble, still at bits 4..7, into the mantissa of
+ * 2^19 (ulp 1/16, so bits 4..7 weigh 1); subtracting 2^23 + 8 and 2^19 + 8 leaves q - 8 exactly. */
+static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    const __m256i m_lo = _mm256_set1_epi32(0x0f), m_hi = _mm256_set1_epi32(0xf0);
+    const __m256i e_lo = _mm256_set1_epi32(0x4b000000), e_hi = _mm256_set1_epi32(0x49000000);
+    const __m256 b_lo = _mm256_set1_ps(8388608.0f + 8.0f), b_hi = _mm256_set1_ps(524288.0f + 8.0f);
+#define Q4F(v, m, e, bias) _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, m), e)), bias)
+    __m256 va[PI_AXPY_ROWS];
+    for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
+    for (int64_t k = 0; k < n / 32; k++) {
+        if (!(k & 3)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (k + 4) * PI_BLOCK_BYTES_Q4_0);
+        __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
+        __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
+        for (int r = 0; r < nr; r++) {
+            const pi_block_q4_0 *b = (const pi_block_q4_0 *)rows[r] + k;
+            const __m256 s = _mm256_mul_ps(va[r], _mm256_set1_ps(pi_fp16_table[b->d]));
+            const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b->qs));
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + 8)));
+            y0 = _mm256_fmadd_ps(s, Q4F(v0, m_lo, e_lo, b_lo), y0);
+            y1 = _mm256_fmadd_ps(s, Q4F(v1, m_lo, e_lo, b_lo), y1);
+            y2 = _mm256_fmadd_ps(s, Q4F(v0, m_hi, e_hi, b_hi), y2);
+            y3 = _mm256_fmadd_ps(s, Q4F(v1, m_hi, e_hi, b_hi), y3);
+        }
+        _mm256_storeu_ps(y + 32 * k, y0); _mm256_storeu_ps(y + 32 * k + 8, y1);
+        _mm256_storeu_ps(y + 32 * k + 16, y2); _mm256_storeu_ps(y + 32 * k + 24, y3);
     }
+#undef Q4F
 }
 
+/* ---- rows -> F32 */
 static void to_f32_f32(const void *row, float *out, int64_t n) { memcpy(out, row, (size_t)n * 4); }
 static void to_f32_f16(const void *row, float *out, int64_t n) {
     const uint16_t *w = (const uint16_t *)row;
@@ -158,12 +251,14 @@ static void to_f32_bf16(const void *row, float *out, int64_t n) {
     for (; i < n; i++) out[i] = pi_bf16_to_fp32(w[i]);
 }
 static void to_f32_q8_0(const void *row, float *out, int64_t n) {
+    const float one = 1.0f;
     memset(out, 0, (size_t)n * 4);
-    axpy_q8_0(row, 1.0f, out, n);
+    axpy_q8_0(&row, &one, 1, out, n, NULL, 0);
 }
 static void to_f32_q4_0(const void *row, float *out, int64_t n) {
+    const float one = 1.0f;
     memset(out, 0, (size_t)n * 4);
-    axpy_q4_0(row, 1.0f, out, n);
+    axpy_q4_0(&row, &one, 1, out, n, NULL, 0);
 }
 
 const pi_kernel_table pi_kernels_avx2 = {
@@ -171,6 +266,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
+    quantize_x,
 };
 
 #pragma GCC pop_options

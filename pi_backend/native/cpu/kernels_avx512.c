@@ -1,15 +1,25 @@
-/* kernels_avx512.c — AVX-512 (F + BW + VL) row kernels. Compiled with a target pragma so the rest of
- * the library stays baseline x86-64; ops.c only calls them after checking the CPU at run time. */
+/* kernels_avx512.c — AVX-512 (F + BW + VL + VNNI) row kernels. Compiled with a target pragma so the
+ * rest of the library stays baseline x86-64; ops.c only calls them after checking the CPU at run time.
+ *
+ * Float rows use 512-bit vectors. The integer dot products of quantized rows work on 256-bit
+ * registers, one Q block (32 values) each: Zen 4 executes 512-bit ops as two 256-bit halves anyway,
+ * and a block never has to be split across lanes. */
 #include "kernels.h"
 
 #ifdef PI_HAVE_X86_KERNELS
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #include <immintrin.h>
+#include <math.h>
 
 #define W 16 /* floats per vector */
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 
 static inline __m512 load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline __m512 load_bf16(const uint16_t *p) {
@@ -17,12 +27,43 @@ static inline __m512 load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+static inline float ident(float v) { return v; }
 
-/* Four accumulators over 64 elements hide the FMA latency; the scalar tail handles n % 16. */
-#define DOT_BODY(LOAD, SCALAR)                                                        \
+/* ---- activations -> Q8 blocks, bit for bit as kernels_scalar.c */
+static void quantize_x(const float *x, int64_t n, int8_t *qs, int32_t *off, float *d) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    const __m256i mult = _mm256_setr_epi64x(0x0808080808080808ll, 0x0808080808080808ll,
+                                            (long long)0x8080808080808080ull, (long long)0x8080808080808080ull);
+    for (int64_t b = 0; b < n / 32; b++, x += 32, qs += 32, off += 8) {
+        const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        /* max |x| on the bit patterns: exact, and >= 0x7f800000 iff some value is inf / NaN */
+        const __m512i a0 = _mm512_and_si512(_mm512_castps_si512(x0), absmask);
+        const __m512i a1 = _mm512_and_si512(_mm512_castps_si512(x1), absmask);
+        const uint32_t mb = (uint32_t)_mm512_reduce_max_epi32(_mm512_max_epi32(a0, a1));
+        float amax;
+        memcpy(&amax, &mb, 4);
+        const __m512 id = _mm512_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        /* round half to even (explicitly, whatever MXCSR says); lanes hold |q| <= 127 */
+#define RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+        const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x0, id), RNE);
+        const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x1, id), RNE);
+#undef RNE
+        const __m256i q = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
+        _mm256_storeu_si256((__m256i *)qs, q);
+        /* off: dpbusd(8 or 128, q) sums 8 q (lanes 0-3) or 128 q (lanes 4-7) over each group of 4 */
+        const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), mult, q);
+        _mm256_storeu_si256((__m256i *)off, _mm256_sub_epi32(_mm256_setzero_si256(), s8));
+        d[b] = mb < 0x7f800000u ? _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT)) : __builtin_nanf("");
+    }
+}
+
+/* ---- dot products. Four accumulators over 64 elements hide the FMA latency; the scalar tail handles
+ * n % 16. The prefetch of the row ahead keeps pace with the bytes read. */
+#define DOT_BODY(LOAD, SCALAR, ESIZE)                                                 \
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
     int64_t i = 0;                                                                     \
     for (; i + 4 * W <= n; i += 4 * W) {                                               \
+        pi_prefetch_span(pf, i * ESIZE, (i + 4 * W) * ESIZE);                          \
         a0 = _mm512_fmadd_ps(LOAD(w + i), _mm512_loadu_ps(x + i), a0);                 \
         a1 = _mm512_fmadd_ps(LOAD(w + i + W), _mm512_loadu_ps(x + i + W), a1);         \
         a2 = _mm512_fmadd_ps(LOAD(w + i + 2 * W), _mm512_loadu_ps(x + i + 2 * W), a2); \
@@ -33,114 +74,167 @@ static inline float half(uint16_t h) { return _cvtsh_ss(h); }
     for (; i < n; i++) s += SCALAR(w[i]) * x[i];                                        \
     return s;
 
-static inline float ident(float v) { return v; }
-
-static float dot_f32(const void *row, const float *x, int64_t n) {
-    const float *w = (const float *)row;
-    DOT_BODY(_mm512_loadu_ps, ident)
+static float dot_f32(const void *row, const void *xv, int64_t n, const void *pf) {
+    const float *w = (const float *)row, *x = (const float *)xv;
+    DOT_BODY(_mm512_loadu_ps, ident, 4)
 }
-static float dot_f16(const void *row, const float *x, int64_t n) {
+static float dot_f16(const void *row, const void *xv, int64_t n, const void *pf) {
     const uint16_t *w = (const uint16_t *)row;
-    DOT_BODY(load_f16, half)
+    const float *x = (const float *)xv;
+    DOT_BODY(load_f16, half, 2)
 }
-static float dot_bf16(const void *row, const float *x, int64_t n) {
+static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf) {
     const uint16_t *w = (const uint16_t *)row;
-    DOT_BODY(load_bf16, pi_bf16_to_fp32)
+    const float *x = (const float *)xv;
+    DOT_BODY(load_bf16, pi_bf16_to_fp32, 2)
 }
 
-/* Q8_0: per block, the int8 values become two float vectors; the block's scale multiplies the block's
- * partial sum once (one FMA per 32 weights instead of per element). Two block streams in flight. */
-static inline __m512 q8_block(const pi_block_q8_0 *b, const float *x) {
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->qs)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16))));
-    return _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));
+/* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
+ * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
+ * starting from the activation's offset vector; the lanes become floats once per block and take both
+ * scales in one FMA. Four accumulators, one per block of a group of 4. LANES scales the lanes once at
+ * the end (Q4_0 sums its high nibbles at 16 times their value). */
+#define QDOT_BODY(BLOCK_INT, BSIZE, LANES)                                                   \
+    const pi_xq *x = (const pi_xq *)xv;                                                      \
+    const int64_t nb = n / 32;                                                               \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    int64_t k = 0;                                                                           \
+    for (; k + 4 <= nb; k += 4) {                                                            \
+        pi_prefetch_span(pf, k * BSIZE, (k + 4) * BSIZE);                                    \
+        for (int j = 0; j < 4; j++) {                                                        \
+            const __m256i is = BLOCK_INT(b + k + j, x, k + j);                               \
+            const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[k + j].d] * x->d[k + j]);        \
+            acc[j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(is), acc[j]);                     \
+        }                                                                                    \
+    }                                                                                        \
+    for (; k < nb; k++)                                                                      \
+        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(pi_fp16_table[b[k].d] * x->d[k]),            \
+                                 _mm256_cvtepi32_ps(BLOCK_INT(b + k, x, k)), acc[0]);         \
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])); \
+    return hsum256(_mm256_mul_ps(s, LANES));
+
+/* Q8_0: weights made unsigned by flipping the sign bit (w + 128); the extra 128 * sum(x) is removed
+ * by starting from -128 * (sums of 4): off, with lanes 0-3 shifted from -8 to -128 */
+static inline __m256i q8_block_int(const pi_block_q8_0 *b, const pi_xq *x, int64_t k) {
+    const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)b->qs), _mm256_set1_epi8((char)0x80));
+    const __m256i off = _mm256_loadu_si256((const __m256i *)(x->off + 8 * k));
+    const __m256i init = _mm256_sllv_epi32(off, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_dpbusd_epi32(init, w, _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
+}
+/* Q4_0: the 16 bytes go to both halves; masking the low half with 0x0f and the high half with 0xf0
+ * gives the nibbles of elements 0-15 and 16 times those of 16-31, all unsigned, without a shift or
+ * lane insert. off supplies the "- 8" (times 16 in the high lanes). */
+static inline __m256i q4_block_int(const pi_block_q4_0 *b, const pi_xq *x, int64_t k) {
+    const __m256i nib = _mm256_setr_epi64x(0x0f0f0f0f0f0f0f0fll, 0x0f0f0f0f0f0f0f0fll,
+                                           (long long)0xf0f0f0f0f0f0f0f0ull, (long long)0xf0f0f0f0f0f0f0f0ull);
+    const __m256i w = _mm256_and_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b->qs)), nib);
+    const __m256i init = _mm256_loadu_si256((const __m256i *)(x->off + 8 * k));
+    return _mm256_dpbusd_epi32(init, w, _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
 }
 
-static float dot_q8_0(const void *row, const float *x, int64_t n) {
+static float dot_q8_0(const void *row, const void *xv, int64_t n, const void *pf) {
     const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
-    int64_t nb = n / PI_QK8_0, k = 0;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    for (; k + 2 <= nb; k += 2) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k].d)), q8_block(b + k, x + k * 32), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k + 1].d)), q8_block(b + k + 1, x + (k + 1) * 32), a1);
-    }
-    if (k < nb) a0 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k].d)), q8_block(b + k, x + k * 32), a0);
-    return hsum(_mm512_add_ps(a0, a1));
+    QDOT_BODY(q8_block_int, PI_BLOCK_BYTES_Q8_0, _mm256_set1_ps(1.0f))
 }
-
-/* Q4_0: low nibbles are elements 0..15, high nibbles 16..31, each minus 8 (done on bytes). */
-static inline void q4_unpack(const pi_block_q4_0 *b, __m512 *lo, __m512 *hi) {
-    __m128i v = _mm_loadu_si128((const __m128i *)b->qs);
-    __m128i m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    __m128i l = _mm_sub_epi8(_mm_and_si128(v, m), eight);
-    __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m), eight);
-    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(l));
-    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h));
-}
-
-static inline __m512 q4_block(const pi_block_q4_0 *b, const float *x) {
-    __m512 lo, hi;
-    q4_unpack(b, &lo, &hi);
-    return _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));
-}
-
-static float dot_q4_0(const void *row, const float *x, int64_t n) {
+static float dot_q4_0(const void *row, const void *xv, int64_t n, const void *pf) {
     const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
-    int64_t nb = n / PI_QK4_0, k = 0;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    for (; k + 2 <= nb; k += 2) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k].d)), q4_block(b + k, x + k * 32), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k + 1].d)), q4_block(b + k + 1, x + (k + 1) * 32), a1);
-    }
-    if (k < nb) a0 = _mm512_fmadd_ps(_mm512_set1_ps(half(b[k].d)), q4_block(b + k, x + k * 32), a0);
-    return hsum(_mm512_add_ps(a0, a1));
+    QDOT_BODY(q4_block_int, PI_BLOCK_BYTES_Q4_0, _mm256_setr_ps(1, 1, 1, 1, 0.0625f, 0.0625f, 0.0625f, 0.0625f))
 }
 
-#define AXPY_BODY(LOAD, SCALAR)                                                      \
-    __m512 va = _mm512_set1_ps(a);                                                    \
+/* ---- y += sum_r a[r] * rows[r]: a tile of y stays in registers while every row adds into it, so y
+ * is loaded and stored once per call instead of once per row. Each element sees the rows in order.
+ * The rows of the next group are prefetched over the same byte range as the tile consumes. */
+static inline void prefetch_rows(const void *const *pf, int npf, int64_t lo, int64_t hi) {
+    for (int r = 0; r < npf; r++) pi_prefetch_span(pf[r], lo, hi);
+}
+
+#define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
+    __m512 va[PI_AXPY_ROWS];                                                          \
+    for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);                        \
     int64_t i = 0;                                                                    \
-    for (; i + 2 * W <= n; i += 2 * W) {                                              \
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, LOAD(w + i), _mm512_loadu_ps(y + i))); \
-        _mm512_storeu_ps(y + i + W, _mm512_fmadd_ps(va, LOAD(w + i + W), _mm512_loadu_ps(y + i + W))); \
+    for (; i + 4 * W <= n; i += 4 * W) {                                              \
+        prefetch_rows(pf, npf, i * ESIZE, (i + 4 * W) * ESIZE);                       \
+        __m512 y0 = _mm512_loadu_ps(y + i), y1 = _mm512_loadu_ps(y + i + W);          \
+        __m512 y2 = _mm512_loadu_ps(y + i + 2 * W), y3 = _mm512_loadu_ps(y + i + 3 * W); \
+        for (int r = 0; r < nr; r++) {                                                \
+            const TYPE *w = (const TYPE *)rows[r] + i;                                \
+            y0 = _mm512_fmadd_ps(va[r], LOAD(w), y0);                                 \
+            y1 = _mm512_fmadd_ps(va[r], LOAD(w + W), y1);                             \
+            y2 = _mm512_fmadd_ps(va[r], LOAD(w + 2 * W), y2);                         \
+            y3 = _mm512_fmadd_ps(va[r], LOAD(w + 3 * W), y3);                         \
+        }                                                                             \
+        _mm512_storeu_ps(y + i, y0); _mm512_storeu_ps(y + i + W, y1);                 \
+        _mm512_storeu_ps(y + i + 2 * W, y2); _mm512_storeu_ps(y + i + 3 * W, y3);     \
     }                                                                                 \
-    for (; i + W <= n; i += W)                                                        \
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, LOAD(w + i), _mm512_loadu_ps(y + i))); \
-    for (; i < n; i++) y[i] += a * SCALAR(w[i]);
+    for (; i + W <= n; i += W) {                                                      \
+        __m512 y0 = _mm512_loadu_ps(y + i);                                           \
+        for (int r = 0; r < nr; r++) y0 = _mm512_fmadd_ps(va[r], LOAD((const TYPE *)rows[r] + i), y0); \
+        _mm512_storeu_ps(y + i, y0);                                                  \
+    }                                                                                 \
+    for (; i < n; i++)                                                                \
+        for (int r = 0; r < nr; r++) y[i] = fmaf(a[r], SCALAR(((const TYPE *)rows[r])[i]), y[i]);
 
-static void axpy_f32(const void *row, float a, float *y, int64_t n) {
-    const float *w = (const float *)row;
-    AXPY_BODY(_mm512_loadu_ps, ident)
+static void axpy_f32(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                     int npf) {
+    AXPY_BODY(float, _mm512_loadu_ps, ident, 4)
 }
-static void axpy_f16(const void *row, float a, float *y, int64_t n) {
-    const uint16_t *w = (const uint16_t *)row;
-    AXPY_BODY(load_f16, half)
+static void axpy_f16(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                     int npf) {
+    AXPY_BODY(uint16_t, load_f16, half, 2)
 }
-static void axpy_bf16(const void *row, float a, float *y, int64_t n) {
-    const uint16_t *w = (const uint16_t *)row;
-    AXPY_BODY(load_bf16, pi_bf16_to_fp32)
+static void axpy_bf16(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    AXPY_BODY(uint16_t, load_bf16, pi_bf16_to_fp32, 2)
 }
 
-static void axpy_q8_0(const void *row, float a, float *y, int64_t n) {
-    const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
-    for (int64_t k = 0; k < n / PI_QK8_0; k++, y += 32) {
-        __m512 s = _mm512_set1_ps(a * half(b[k].d));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b[k].qs)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b[k].qs + 16))));
-        _mm512_storeu_ps(y, _mm512_fmadd_ps(s, lo, _mm512_loadu_ps(y)));
-        _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(s, hi, _mm512_loadu_ps(y + 16)));
+/* Quantized rows: one block (32 columns, two vectors) of y per step; each row adds s * q with
+ * s = a * d (d read through pi_fp16_table). Q8_0 bytes widen and convert; Q4_0 nibbles widen and index
+ * a 16-entry table of the floats q - 8 (vpermps uses the low 4 bits of each lane, so the low nibble
+ * needs no mask and the high one a shift). */
+/* 16 int8 -> 16 floats */
+static inline __m512 i8x16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    __m512 va[PI_AXPY_ROWS];
+    for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
+    for (int64_t k = 0; k < n / 32; k++) {
+        if (!(k & 1)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (k + 2) * PI_BLOCK_BYTES_Q8_0);
+        __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
+        for (int r = 0; r < nr; r++) {
+            const pi_block_q8_0 *b = (const pi_block_q8_0 *)rows[r] + k;
+            const __m512 s = _mm512_mul_ps(va[r], _mm512_set1_ps(pi_fp16_table[b->d]));
+            lo = _mm512_fmadd_ps(s, i8x16(b->qs), lo);
+            hi = _mm512_fmadd_ps(s, i8x16(b->qs + 16), hi);
+        }
+        _mm512_storeu_ps(y + 32 * k, lo);
+        _mm512_storeu_ps(y + 32 * k + 16, hi);
     }
 }
 
-static void axpy_q4_0(const void *row, float a, float *y, int64_t n) {
-    const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
-    for (int64_t k = 0; k < n / PI_QK4_0; k++, y += 32) {
-        __m512 s = _mm512_set1_ps(a * half(b[k].d)), lo, hi;
-        q4_unpack(b + k, &lo, &hi);
-        _mm512_storeu_ps(y, _mm512_fmadd_ps(s, lo, _mm512_loadu_ps(y)));
-        _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(s, hi, _mm512_loadu_ps(y + 16)));
+static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
+                      int npf) {
+    const __m512 q_minus_8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 va[PI_AXPY_ROWS];
+    for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
+    for (int64_t k = 0; k < n / 32; k++) {
+        if (!(k & 3)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (k + 4) * PI_BLOCK_BYTES_Q4_0);
+        __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
+        for (int r = 0; r < nr; r++) {
+            const pi_block_q4_0 *b = (const pi_block_q4_0 *)rows[r] + k;
+            const __m512 s = _mm512_mul_ps(va[r], _mm512_set1_ps(pi_fp16_table[b->d]));
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->qs));
+            lo = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(v, q_minus_8), lo);
+            hi = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), q_minus_8), hi);
+        }
+        _mm512_storeu_ps(y + 32 * k, lo);
+        _mm512_storeu_ps(y + 32 * k + 16, hi);
     }
 }
 
+/* ---- rows -> F32 */
 static void to_f32_f32(const void *row, float *out, int64_t n) { memcpy(out, row, (size_t)n * 4); }
 static void to_f32_f16(const void *row, float *out, int64_t n) {
     const uint16_t *w = (const uint16_t *)row;
@@ -155,12 +249,14 @@ static void to_f32_bf16(const void *row, float *out, int64_t n) {
     for (; i < n; i++) out[i] = pi_bf16_to_fp32(w[i]);
 }
 static void to_f32_q8_0(const void *row, float *out, int64_t n) {
+    const float one = 1.0f;
     memset(out, 0, (size_t)n * 4);
-    axpy_q8_0(row, 1.0f, out, n);
+    axpy_q8_0(&row, &one, 1, out, n, NULL, 0);
 }
 static void to_f32_q4_0(const void *row, float *out, int64_t n) {
+    const float one = 1.0f;
     memset(out, 0, (size_t)n * 4);
-    axpy_q4_0(row, 1.0f, out, n);
+    axpy_q4_0(&row, &one, 1, out, n, NULL, 0);
 }
 
 const pi_kernel_table pi_kernels_avx512 = {
@@ -168,6 +264,7 @@ const pi_kernel_table pi_kernels_avx512 = {
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
+    quantize_x,
 };
 
 #pragma GCC pop_options

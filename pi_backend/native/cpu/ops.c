@@ -3,7 +3,11 @@
  * Every entry point validates what it can see (matrix views against their buffers, every index, sizes
  * and their products) before touching memory, and returns an error code instead of reading out of
  * bounds. Work is split so that results do not depend on the thread count: rows are independent, and
- * the down projection splits the output columns, so each y element sums its neurons in list order. */
+ * the down projection splits the output columns, so each y element sums its neurons in list order.
+ * Threads claim their work dynamically, so a thread that starts late (or not at all: pool.c) only
+ * takes less. Q8_0 / Q4_0 rows are multiplied with the activations quantized once per call (pi_xq),
+ * as llama.cpp does; the down projection adds float multiples of its rows. The kernels prefetch the
+ * rows the op reads next, which is what makes scattered rows stream at close to DRAM bandwidth. */
 #include "kernels.h"
 
 #include <math.h>
@@ -28,7 +32,8 @@ int pi_isa_supported(int isa) {
     case PI_ISA_AVX512:
         __builtin_cpu_init();
         return pi_isa_supported(PI_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
-               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
 #endif
     default: return 0;
     }
@@ -58,6 +63,7 @@ static int set_isa_unchecked(int isa) {
 
 /* the best variant this CPU runs, capped by PI_BACKEND_ISA=scalar|avx2|avx512 (a lower one only) */
 static void isa_init(void) {
+    pi_kernels_init();
     int best = PI_ISA_SCALAR;
     for (int isa = PI_ISA_AVX512; isa > PI_ISA_SCALAR; isa--)
         if (pi_isa_supported(isa)) { best = isa; break; }
@@ -169,6 +175,90 @@ static inline const uint8_t *row_ptr(const pi_matrix *m, int64_t r) {
     return (const uint8_t *)m->data + r * m->row_stride;
 }
 
+/* ------------------------------------------------------------------ shared pieces of the row ops */
+
+/* Prefetch distance: a kernel reading row i prefetches row i + D as it goes, D rows being about this
+ * many bytes. Scattered rows (2-8 KiB each at 10% density) then stream at close to the rate of one
+ * long row: without it each row start waits for DRAM and the hardware prefetcher has to restart. */
+#define PF_BYTES (16 * 1024)
+
+static int64_t pf_rows_ahead(int64_t row_bytes) {
+    int64_t d = (PF_BYTES + row_bytes - 1) / row_bytes;
+    return d < 1 ? 1 : d > 16 ? 16 : d;
+}
+
+/* Dynamic work split in chunks, each thread claiming its next chunk one ahead, so that it knows which
+ * rows it reads next and can prefetch across its chunk boundaries (not into rows another thread takes). */
+typedef struct {
+    _Atomic int64_t *next;
+    int64_t n, chunk;
+    int64_t cur, cur_end, nxt; /* current chunk [cur, cur_end), next claimed chunk start (>= n: none) */
+} chunk_iter;
+
+static void chunks_start(chunk_iter *it, _Atomic int64_t *next, int64_t n, int64_t chunk) {
+    it->next = next;
+    it->n = n;
+    it->chunk = chunk;
+    it->cur_end = 0;
+    it->nxt = atomic_fetch_add(next, chunk);
+}
+
+/* the next chunk [*r0, *r1) of this thread; 0 when the work is done */
+static int chunks_next(chunk_iter *it, int64_t *r0, int64_t *r1) {
+    it->cur = it->nxt;
+    if (it->cur >= it->n) return 0;
+    it->cur_end = it->cur + it->chunk < it->n ? it->cur + it->chunk : it->n;
+    it->nxt = atomic_fetch_add(it->next, it->chunk);
+    *r0 = it->cur;
+    *r1 = it->cur_end;
+    return 1;
+}
+
+/* the item d places after r (in the current chunk) in this thread's sequence, or -1 */
+static int64_t chunks_ahead(const chunk_iter *it, int64_t r, int64_t d) {
+    int64_t t = r + d;
+    if (t < it->cur_end) return t;
+    if (it->nxt >= it->n) return -1;
+    t = it->nxt + (t - it->cur_end);
+    return t < it->n && t < it->nxt + it->chunk ? t : -1;
+}
+
+/* Activations of every token quantized once per call for Q8_0 / Q4_0 rows (pi_xq) */
+typedef struct {
+    void *mem;
+    pi_xq *tok; /* [n_tok] */
+} xq_buf;
+
+static int xq_prepare(const pi_kernel_table *k, const float *x, int64_t n_tok, int64_t cols, xq_buf *out) {
+    out->mem = NULL;
+    out->tok = NULL;
+    /* per token: qs [cols] int8, off [cols / 4] int32, d [cols / 32] float, each 64-byte aligned */
+    const size_t qs_b = ((size_t)cols + 63) & ~(size_t)63, off_b = qs_b, d_b = ((size_t)cols / 8 + 63) & ~(size_t)63;
+    const size_t per = qs_b + off_b + d_b;
+    if ((uint64_t)n_tok > SIZE_MAX / per / 2) return PI_ERR_NOMEM;
+    out->mem = aligned_alloc(64, per * (size_t)n_tok);
+    out->tok = malloc((size_t)n_tok * sizeof(pi_xq));
+    if (!out->mem || !out->tok) {
+        free(out->mem); free(out->tok);
+        out->mem = NULL; out->tok = NULL;
+        return PI_ERR_NOMEM;
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        uint8_t *base = (uint8_t *)out->mem + (size_t)t * per;
+        int8_t *qs = (int8_t *)base;
+        int32_t *off = (int32_t *)(base + qs_b);
+        float *d = (float *)(base + qs_b + off_b);
+        k->quantize_x(x + t * cols, cols, qs, off, d);
+        out->tok[t] = (pi_xq){qs, off, d};
+    }
+    return PI_OK;
+}
+
+static void xq_free(xq_buf *b) {
+    free(b->mem);
+    free(b->tok);
+}
+
 /* ------------------------------------------------------------------ rows x tokens (gemm, sparse rows) */
 
 typedef struct {
@@ -177,63 +267,57 @@ typedef struct {
     const int32_t *idx;  /* NULL: all rows */
     int64_t n_out;       /* rows computed (W.rows or n_idx) */
     const float *x;
+    const pi_xq *xq;     /* [n_tok] for quantized weight types, else NULL */
     int64_t n_tok;
     float *y;            /* [n_tok, n_out] */
     _Atomic int64_t next;
     _Atomic int err;
 } rows_ctx;
 
-#define ROWS_CHUNK 8
+#define ROWS_CHUNK 16
 
 static void rows_task(void *p, int tid, int nth) {
     (void)tid; (void)nth;
     rows_ctx *c = (rows_ctx *)p;
     const int slot = pi_type_slot(c->W->type);
     if (slot < 0) return; /* unreachable: check_matrix refused the type */
-    const int64_t cols = c->W->cols;
-    const pi_dot_fn dot = c->k->dot[slot], dot32 = c->k->dot[PI_T_F32];
-    float *scratch = NULL;
-    if (c->n_tok > 1 && slot != PI_T_F32) {
-        scratch = malloc((size_t)(ROWS_CHUNK * cols) * sizeof(float));
-        if (!scratch) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
-    }
-    for (;;) {
-        int64_t r0 = atomic_fetch_add(&c->next, ROWS_CHUNK);
-        if (r0 >= c->n_out) break;
-        int64_t r1 = r0 + ROWS_CHUNK < c->n_out ? r0 + ROWS_CHUNK : c->n_out;
-        if (c->n_tok == 1) {
-            for (int64_t r = r0; r < r1; r++)
-                c->y[r] = dot(row_ptr(c->W, c->idx ? c->idx[r] : r), c->x, cols);
-            continue;
-        }
-        /* several tokens: decode each weight row once, then reuse it from cache for every token */
-        const float *rows[ROWS_CHUNK];
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *src = row_ptr(c->W, c->idx ? c->idx[r] : r);
-            if (scratch) {
-                c->k->to_f32[slot](src, scratch + (r - r0) * cols, cols);
-                rows[r - r0] = scratch + (r - r0) * cols;
-            } else {
-                rows[r - r0] = (const float *)src;
+    const int64_t cols = c->W->cols, T = c->n_tok;
+    const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->W->type, cols));
+    const pi_dot_fn dot = c->k->dot[slot];
+#define ROW(r) row_ptr(c->W, c->idx ? c->idx[r] : (r))
+    chunk_iter it;
+    chunks_start(&it, &c->next, c->n_out, ROWS_CHUNK);
+    int64_t r0, r1;
+    while (chunks_next(&it, &r0, &r1)) {
+        /* token by token over the chunk: its rows come from DRAM once (prefetched on the first pass)
+         * and stay in cache for the other tokens, whose activations are read once per chunk */
+        for (int64_t t = 0; t < T; t++) {
+            const void *xt = c->xq ? (const void *)&c->xq[t] : (const void *)(c->x + t * cols);
+            float *yt = c->y + t * c->n_out;
+            for (int64_t r = r0; r < r1; r++) {
+                const int64_t ra = t == 0 ? chunks_ahead(&it, r, ahead) : -1;
+                yt[r] = dot(ROW(r), xt, cols, ra >= 0 ? ROW(ra) : NULL);
             }
         }
-        for (int64_t t = 0; t < c->n_tok; t++) {
-            const float *xt = c->x + t * cols;
-            float *yt = c->y + t * c->n_out;
-            for (int64_t r = r0; r < r1; r++) yt[r] = dot32(rows[r - r0], xt, cols);
-        }
     }
-    free(scratch);
+#undef ROW
 }
 
 static int run_rows(const pi_matrix *W, const int32_t *idx, int64_t n_out, const float *x, int64_t n_tok,
                     float *y, int n_threads) {
     if (n_out == 0) return PI_OK;
-    rows_ctx c = {K(), W, idx, n_out, x, n_tok, y, 0, PI_OK};
+    const pi_kernel_table *k = K();
+    xq_buf xq = {NULL, NULL};
+    if (pi_slot_is_quant(pi_type_slot(W->type))) {
+        int rc = xq_prepare(k, x, n_tok, W->cols, &xq);
+        if (rc) return rc;
+    }
+    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, 0, PI_OK};
     int nth = pi_pool_resolve_threads(n_threads);
     int64_t chunks = (n_out + ROWS_CHUNK - 1) / ROWS_CHUNK;
     if (nth > chunks) nth = (int)chunks;
     pi_pool_run(rows_task, &c, nth);
+    xq_free(&xq);
     return atomic_load(&c.err);
 }
 
@@ -284,62 +368,91 @@ int pi_dequantize_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx, fl
 typedef struct {
     const pi_kernel_table *k;
     const pi_matrix *Wt;
-    const int32_t *idx;
-    int64_t n_idx;
+    const uint8_t *const *rows; /* [n_rows] the rows with a nonzero weight for some token, in list order */
+    const int64_t *pos;         /* [n_rows] their position k in the index list (column of h) */
+    int64_t n_rows;
     const float *h;  /* [n_tok, h_stride], entry k of token t at h[t * h_stride + k] */
     int64_t h_stride;
     int64_t n_tok;
     float *y;        /* [n_tok, cols] */
     int64_t unit;    /* column split granularity (block size for quantized types) */
-    _Atomic int err;
+    int64_t n_ranges;
+    _Atomic int64_t next; /* next column range to claim */
 } axpy_ctx;
 
-static void axpy_task(void *p, int tid, int nth) {
-    axpy_ctx *c = (axpy_ctx *)p;
-    const int64_t cols = c->Wt->cols, units = cols / c->unit;
-    const int64_t c0 = units * tid / nth * c->unit;
-    const int64_t c1 = tid == nth - 1 ? cols : units * (tid + 1) / nth * c->unit;
-    const int64_t len = c1 - c0;
-    if (len <= 0) return;
-    const int slot = pi_type_slot(c->Wt->type);
+#define G PI_AXPY_ROWS
+
+/* y[:, c0:c0+len] += the rows' segments: G rows per kernel call (y read and written once per group),
+ * the segments PF_BYTES ahead prefetched meanwhile. Every y element sums its rows in list order. */
+static void axpy_range(axpy_ctx *c, int64_t c0, int64_t len) {
+    const int64_t cols = c->Wt->cols;
     const int64_t off = pi_type_row_bytes(c->Wt->type, c0); /* c0 is block aligned */
-    const pi_axpy_fn axpy = c->k->axpy[slot], axpy32 = c->k->axpy[PI_T_F32];
-    if (c->n_tok == 1) {
-        for (int64_t k = 0; k < c->n_idx; k++) {
-            float a = c->h[k];
-            if (a != 0.0f) axpy(row_ptr(c->Wt, c->idx[k]) + off, a, c->y + c0, len);
-        }
-        return;
-    }
-    float *seg = malloc((size_t)len * sizeof(float));
-    if (!seg) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
-    for (int64_t k = 0; k < c->n_idx; k++) {
-        int any = 0;
-        for (int64_t t = 0; t < c->n_tok && !any; t++) any = c->h[t * c->h_stride + k] != 0.0f;
-        if (!any) continue;
-        /* the weight segment is read from memory once for the whole batch */
-        c->k->to_f32[slot](row_ptr(c->Wt, c->idx[k]) + off, seg, len);
+    const int64_t seg_bytes = pi_type_row_bytes(c->Wt->type, len);
+    const int64_t gahead = 1 + PF_BYTES / (G * seg_bytes + 1); /* groups ahead to prefetch, >= 1 */
+    const pi_axpy_fn axpy = c->k->axpy[pi_type_slot(c->Wt->type)];
+    const void *grp[G], *pf[G];
+    float a[G];
+    for (int64_t g0 = 0; g0 < c->n_rows; g0 += G) {
+        const int ng = (int)(c->n_rows - g0 < G ? c->n_rows - g0 : G);
+        const int64_t p0 = g0 + gahead * G;
+        const int npf = p0 >= c->n_rows ? 0 : (int)(c->n_rows - p0 < G ? c->n_rows - p0 : G);
+        for (int j = 0; j < npf; j++) pf[j] = c->rows[p0 + j] + off;
+        /* token by token: the group's segments come from DRAM once (prefetched on the first pass) and
+         * stay in cache for the other tokens; a token skips the rows where its weight is zero */
         for (int64_t t = 0; t < c->n_tok; t++) {
-            float a = c->h[t * c->h_stride + k];
-            if (a != 0.0f) axpy32(seg, a, c->y + t * cols + c0, len);
+            int n = 0;
+            for (int j = 0; j < ng; j++) {
+                const float at = c->h[t * c->h_stride + c->pos[g0 + j]];
+                if (at != 0.0f) { grp[n] = c->rows[g0 + j] + off; a[n++] = at; }
+            }
+            if (n) axpy(grp, a, n, c->y + t * cols + c0, len, t == 0 ? pf : NULL, t == 0 ? npf : 0);
         }
     }
-    free(seg);
 }
+
+/* Threads claim ranges of output columns (n_ranges of them, about equal) until none is left */
+static void axpy_task(void *p, int tid, int nth) {
+    (void)tid; (void)nth;
+    axpy_ctx *c = (axpy_ctx *)p;
+    const int64_t cols = c->Wt->cols, units = cols / c->unit, R = c->n_ranges;
+    for (;;) {
+        const int64_t r = atomic_fetch_add(&c->next, 1);
+        if (r >= R) break;
+        const int64_t c0 = units * r / R * c->unit;
+        const int64_t c1 = r == R - 1 ? cols : units * (r + 1) / R * c->unit;
+        if (c1 > c0) axpy_range(c, c0, c1 - c0);
+    }
+}
+#undef G
 
 static int run_axpy(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx, const float *h, int64_t h_stride,
                     int64_t n_tok, float *y, int n_threads) {
     if (n_idx == 0) return PI_OK;
+    /* the rows some token needs (a zero weight is skipped: its row is never read) */
+    const uint8_t **rows = malloc((size_t)n_idx * sizeof(*rows));
+    int64_t *pos = malloc((size_t)n_idx * sizeof(*pos));
+    if (!rows || !pos) { free(rows); free(pos); return PI_ERR_NOMEM; }
+    int64_t n_rows = 0;
+    for (int64_t k = 0; k < n_idx; k++) {
+        int any = 0;
+        for (int64_t t = 0; t < n_tok && !any; t++) any = h[t * h_stride + k] != 0.0f;
+        if (!any) continue;
+        rows[n_rows] = row_ptr(Wt, idx[k]);
+        pos[n_rows++] = k;
+    }
     int64_t unit = Wt->type == PI_TYPE_Q8_0 || Wt->type == PI_TYPE_Q4_0 ? 32 : 16;
     if (Wt->cols % unit) unit = Wt->type == PI_TYPE_Q8_0 || Wt->type == PI_TYPE_Q4_0 ? 32 : 1;
-    axpy_ctx c = {K(), Wt, idx, n_idx, h, h_stride, n_tok, y, unit, PI_OK};
     int nth = pi_pool_resolve_threads(n_threads);
     /* below ~256 columns a thread's share is too small to pay for the dispatch */
     int64_t max_nth = Wt->cols / 256 > 0 ? Wt->cols / 256 : 1;
     if (nth > max_nth) nth = (int)max_nth;
     if (nth > Wt->cols / unit) nth = (int)(Wt->cols / unit);
-    pi_pool_run(axpy_task, &c, nth);
-    return atomic_load(&c.err);
+    /* one column range per thread: the longest runs of each row, so the fewest DRAM pages opened */
+    axpy_ctx c = {K(), Wt, rows, pos, n_rows, h, h_stride, n_tok, y, unit, nth, 0};
+    if (n_rows > 0) pi_pool_run(axpy_task, &c, nth);
+    free(rows);
+    free(pos);
+    return PI_OK;
 }
 
 int pi_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx, const float *h, int64_t n_tok,
@@ -372,6 +485,7 @@ typedef struct {
     const int32_t *idx;
     int64_t n_idx;
     const float *x;
+    const pi_xq *xq;          /* [n_tok] if gate or up is quantized, else NULL */
     int64_t n_tok;
     float skip_threshold;
     float *h;                 /* [n_tok, n_idx] */
@@ -382,6 +496,17 @@ typedef struct {
 
 #define FFN_CHUNK 16
 
+/* w . x[t] for every token of a row of matrix m (slot s), the row read from DRAM once (prefetching
+ * pf on the way) and from cache for the other tokens; tokens with skip[t] == 0 are left out */
+static void ffn_row_dots(const ffn_ctx *c, const pi_matrix *m, int s, const uint8_t *w, const void *pf, float *out,
+                         const float *skip) {
+    for (int64_t t = 0; t < c->n_tok; t++) {
+        if (skip && skip[t] == 0.0f) continue;
+        const void *xt = pi_slot_is_quant(s) ? (const void *)&c->xq[t] : (const void *)(c->x + t * m->cols);
+        out[t] = c->k->dot[s](w, xt, m->cols, t == 0 ? pf : NULL);
+    }
+}
+
 /* phase 1: per listed neuron, the activation for every token; rows of `up` (and later `down`) are
  * only read for neurons whose gate fires for some token */
 static void ffn_hidden_task(void *p, int tid, int nth) {
@@ -389,44 +514,33 @@ static void ffn_hidden_task(void *p, int tid, int nth) {
     ffn_ctx *c = (ffn_ctx *)p;
     const int64_t cols = c->first->cols, T = c->n_tok;
     const int s1 = pi_type_slot(c->first->type), s2 = c->up ? pi_type_slot(c->up->type) : 0;
-    const pi_dot_fn dot32 = c->k->dot[PI_T_F32];
+    const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->first->type, cols));
     float *a = malloc((size_t)T * sizeof(float));
-    float *row = T > 1 ? malloc((size_t)cols * sizeof(float)) : NULL;
-    if (!a || (T > 1 && !row)) {
-        free(a); free(row);
+    float *u = malloc((size_t)T * sizeof(float));
+    if (!a || !u) {
+        free(a); free(u);
         atomic_store(&c->err, PI_ERR_NOMEM);
         return;
     }
-    for (;;) {
-        int64_t k0 = atomic_fetch_add(&c->next, FFN_CHUNK);
-        if (k0 >= c->n_idx) break;
-        int64_t k1 = k0 + FFN_CHUNK < c->n_idx ? k0 + FFN_CHUNK : c->n_idx;
+    chunk_iter it;
+    chunks_start(&it, &c->next, c->n_idx, FFN_CHUNK);
+    int64_t k0, k1;
+    while (chunks_next(&it, &k0, &k1)) {
         for (int64_t k = k0; k < k1; k++) {
-            const int64_t i = c->idx[k];
+            const int64_t i = c->idx[k], ka = chunks_ahead(&it, k, ahead);
+            const void *pf = ka >= 0 ? row_ptr(c->first, c->idx[ka]) : NULL;
             int fires = 0;
-            if (T == 1) {
-                a[0] = act_gate(c->act, c->k->dot[s1](row_ptr(c->first, i), c->x, cols));
-            } else {
-                c->k->to_f32[s1](row_ptr(c->first, i), row, cols);
-                for (int64_t t = 0; t < T; t++) a[t] = act_gate(c->act, dot32(row, c->x + t * cols, cols));
-            }
+            ffn_row_dots(c, c->first, s1, row_ptr(c->first, i), pf, a, NULL);
             for (int64_t t = 0; t < T; t++) {
+                a[t] = act_gate(c->act, a[t]);
                 if (fabsf(a[t]) <= c->skip_threshold) a[t] = 0.0f;
                 else fires = 1;
             }
             int nonzero = 0;
             if (fires && c->up) {
-                if (T == 1) {
-                    float u = c->k->dot[s2](row_ptr(c->up, i), c->x, cols);
-                    a[0] *= c->act == PI_ACT_DRELU ? (u > 0.0f ? u : 0.0f) : u;
-                } else {
-                    c->k->to_f32[s2](row_ptr(c->up, i), row, cols);
-                    for (int64_t t = 0; t < T; t++) {
-                        if (a[t] == 0.0f) continue;
-                        float u = dot32(row, c->x + t * cols, cols);
-                        a[t] *= c->act == PI_ACT_DRELU ? (u > 0.0f ? u : 0.0f) : u;
-                    }
-                }
+                ffn_row_dots(c, c->up, s2, row_ptr(c->up, i), NULL, u, a);
+                for (int64_t t = 0; t < T; t++)
+                    if (a[t] != 0.0f) a[t] *= c->act == PI_ACT_DRELU ? (u[t] > 0.0f ? u[t] : 0.0f) : u[t];
             }
             for (int64_t t = 0; t < T; t++) {
                 c->h[t * c->n_idx + k] = a[t];
@@ -436,7 +550,7 @@ static void ffn_hidden_task(void *p, int tid, int nth) {
         }
     }
     free(a);
-    free(row);
+    free(u);
 }
 
 int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t, int32_t act,
@@ -461,13 +575,17 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
     if (n_skipped) *n_skipped = n_idx;
     if (n_idx == 0) return PI_OK;
 
+    const pi_kernel_table *k = K();
     float *h = malloc((size_t)hsize * sizeof(float));
     uint8_t *keep = malloc((size_t)n_idx);
     int32_t *kidx = malloc((size_t)n_idx * sizeof(int32_t));
     float *kh = malloc((size_t)hsize * sizeof(float));
+    xq_buf xq = {NULL, NULL};
     if (!h || !keep || !kidx || !kh) { rc = PI_ERR_NOMEM; goto done; }
+    if (pi_slot_is_quant(pi_type_slot(up->type)) || (gated && pi_slot_is_quant(pi_type_slot(gate->type))))
+        if ((rc = xq_prepare(k, x, n_tok, n_embd, &xq))) goto done;
 
-    ffn_ctx c = {K(), gated ? gate : up, gated ? up : NULL, act, idx, n_idx, x, n_tok, skip_threshold,
+    ffn_ctx c = {k, gated ? gate : up, gated ? up : NULL, act, idx, n_idx, x, xq.tok, n_tok, skip_threshold,
                  h, keep, 0, PI_OK};
     int nth = pi_pool_resolve_threads(n_threads);
     int64_t chunks = (n_idx + FFN_CHUNK - 1) / FFN_CHUNK;
@@ -476,15 +594,16 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
 
     /* compact to the neurons that fired: their down rows are the only ones read */
     int64_t n_keep = 0;
-    for (int64_t k = 0; k < n_idx; k++) {
-        if (!keep[k]) continue;
-        kidx[n_keep] = idx[k];
-        for (int64_t t = 0; t < n_tok; t++) kh[t * n_idx + n_keep] = h[t * n_idx + k];
+    for (int64_t j = 0; j < n_idx; j++) {
+        if (!keep[j]) continue;
+        kidx[n_keep] = idx[j];
+        for (int64_t t = 0; t < n_tok; t++) kh[t * n_idx + n_keep] = h[t * n_idx + j];
         n_keep++;
     }
     if (n_skipped) *n_skipped = n_idx - n_keep;
     rc = run_axpy(down_t, kidx, n_keep, kh, n_idx, n_tok, y, n_threads);
 done:
+    xq_free(&xq);
     free(h); free(keep); free(kidx); free(kh);
     return rc;
 }

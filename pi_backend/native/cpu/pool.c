@@ -5,7 +5,12 @@
  * cores. Here a worker spins for at most PI_BACKEND_SPIN_US (default 50 us) after finishing a task,
  * which catches the back-to-back dispatches of one decode step, and then sleeps on a condition
  * variable. The caller is thread 0 and runs its share itself; a call with one thread never touches
- * the pool. Every worker acknowledges every dispatch, so no worker can lag into the next one. */
+ * the pool.
+ *
+ * Workers join a dispatch; they are not required for it. Tasks claim their work dynamically (ops.c),
+ * so the caller alone can finish everything: when it runs out of work it closes the dispatch and waits
+ * only for the workers that joined before that. A worker that is asleep, or has no core because other
+ * processes hold them, therefore never delays a call it did not take part in. */
 #include "kernels.h"
 
 #include <pthread.h>
@@ -19,12 +24,17 @@
 #define PI_CPU_RELAX() ((void)0)
 #endif
 
+/* seat: the dispatch open for joining (generation << 16) and how many workers joined it; 0 = closed */
+#define SEAT_GEN(s) ((s) >> 16)
+#define SEAT_JOINED(s) ((int)((s) & 0xffffu))
+
 typedef struct {
-    pthread_mutex_t mu;           /* guards generation changes and the sleep/wake handshake */
+    pthread_mutex_t mu;           /* guards the sleep/wake handshakes */
     pthread_cond_t cv_work, cv_done;
     pthread_mutex_t dispatch_mu;  /* one dispatch at a time (callers from several Python threads) */
-    _Atomic uint64_t generation;
-    _Atomic int pending;
+    _Atomic uint64_t generation;  /* bumped by every dispatch; workers wait for it to change */
+    _Atomic uint64_t seat;
+    _Atomic int done;             /* workers of the current dispatch that have finished */
     pi_task_fn fn;
     void *ctx;
     int nth;
@@ -33,7 +43,7 @@ typedef struct {
 } pi_pool;
 
 static pi_pool g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                         PTHREAD_MUTEX_INITIALIZER, 0, 0, NULL, NULL, 0, 0, -1};
+                         PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, -1};
 static _Atomic int g_default_threads = 1;
 static uint64_t g_start_generation[PI_MAX_THREADS + 1];
 static _Thread_local int t_in_pool = 0; /* a task that dispatches again runs serially (no deadlock) */
@@ -53,11 +63,25 @@ static long spin_budget_ns(void) {
     return g_pool.spin_ns;
 }
 
+/* take a seat in dispatch `gen` if it is still open and not full; the worker's tid, or 0 */
+static int try_join(uint64_t gen) {
+    uint64_t s = atomic_load_explicit(&g_pool.seat, memory_order_acquire);
+    for (;;) {
+        if (SEAT_GEN(s) != gen) return 0;
+        /* fn, ctx and nth were published before the seat opened (release) and stay until it closes
+         * and every joined worker is done */
+        if (SEAT_JOINED(s) >= g_pool.nth - 1) return 0;
+        if (atomic_compare_exchange_weak_explicit(&g_pool.seat, &s, s + 1, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return SEAT_JOINED(s) + 1;
+    }
+}
+
 static void *worker_main(void *arg) {
-    const int tid = (int)(intptr_t)arg;
+    const int id = (int)(intptr_t)arg;
     /* the generation current when this worker was created, not when it first runs: a dispatch issued
      * while the thread was still starting must not be missed */
-    uint64_t seen = g_start_generation[tid];
+    uint64_t seen = g_start_generation[id];
     t_in_pool = 1;
     for (;;) {
         /* brief bounded spin, then park */
@@ -67,22 +91,20 @@ static void *worker_main(void *arg) {
             PI_CPU_RELAX();
             if (++spins % 64 == 0 && now_ns() > deadline) break;
         }
-        pthread_mutex_lock(&g_pool.mu);
-        while (atomic_load_explicit(&g_pool.generation, memory_order_acquire) == seen)
-            pthread_cond_wait(&g_pool.cv_work, &g_pool.mu);
-        seen = atomic_load_explicit(&g_pool.generation, memory_order_acquire);
-        pi_task_fn fn = g_pool.fn;
-        void *ctx = g_pool.ctx;
-        int nth = g_pool.nth;
-        pthread_mutex_unlock(&g_pool.mu);
-
-        if (tid < nth) fn(ctx, tid, nth);
-
-        if (atomic_fetch_sub_explicit(&g_pool.pending, 1, memory_order_acq_rel) == 1) {
+        if (atomic_load_explicit(&g_pool.generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&g_pool.mu);
-            pthread_cond_broadcast(&g_pool.cv_done);
+            while (atomic_load_explicit(&g_pool.generation, memory_order_acquire) == seen)
+                pthread_cond_wait(&g_pool.cv_work, &g_pool.mu);
             pthread_mutex_unlock(&g_pool.mu);
         }
+        seen = atomic_load_explicit(&g_pool.generation, memory_order_acquire);
+        const int tid = try_join(seen);
+        if (!tid) continue; /* closed already (the caller did the work), or enough threads joined */
+        g_pool.fn(g_pool.ctx, tid, g_pool.nth);
+        atomic_fetch_add_explicit(&g_pool.done, 1, memory_order_acq_rel);
+        pthread_mutex_lock(&g_pool.mu);
+        pthread_cond_broadcast(&g_pool.cv_done);
+        pthread_mutex_unlock(&g_pool.mu);
     }
     return NULL;
 }
@@ -94,13 +116,14 @@ static void pool_atfork_child(void) {
     pthread_cond_init(&g_pool.cv_work, NULL);
     pthread_cond_init(&g_pool.cv_done, NULL);
     g_pool.n_workers = 0;
-    atomic_store(&g_pool.pending, 0);
+    atomic_store(&g_pool.seat, 0);
+    atomic_store(&g_pool.done, 0);
 }
 
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_atfork_child); }
 
-/* grow to `want` workers (tids 1..want); called with dispatch_mu held. Returns workers available. */
+/* grow to `want` workers; called with dispatch_mu held. Returns workers available. */
 static int pool_grow(int want) {
     pthread_once(&g_atfork_once, register_atfork);
     while (g_pool.n_workers < want) {
@@ -134,12 +157,14 @@ void pi_pool_run(pi_task_fn fn, void *ctx, int nth) {
         fn(ctx, 0, 1);
         return;
     }
-    atomic_store_explicit(&g_pool.pending, g_pool.n_workers, memory_order_relaxed);
-    pthread_mutex_lock(&g_pool.mu);
     g_pool.fn = fn;
     g_pool.ctx = ctx;
     g_pool.nth = nth;
-    atomic_fetch_add_explicit(&g_pool.generation, 1, memory_order_release);
+    atomic_store_explicit(&g_pool.done, 0, memory_order_relaxed);
+    const uint64_t gen = atomic_load_explicit(&g_pool.generation, memory_order_relaxed) + 1;
+    atomic_store_explicit(&g_pool.seat, gen << 16, memory_order_release);
+    pthread_mutex_lock(&g_pool.mu);
+    atomic_store_explicit(&g_pool.generation, gen, memory_order_release);
     pthread_cond_broadcast(&g_pool.cv_work);
     pthread_mutex_unlock(&g_pool.mu);
 
@@ -147,14 +172,16 @@ void pi_pool_run(pi_task_fn fn, void *ctx, int nth) {
     fn(ctx, 0, nth);
     t_in_pool = 0;
 
+    /* close the dispatch; wait for the workers that joined it */
+    const int joined = SEAT_JOINED(atomic_exchange_explicit(&g_pool.seat, 0, memory_order_acq_rel));
     long deadline = now_ns() + spin_budget_ns();
     int spins = 0;
-    while (atomic_load_explicit(&g_pool.pending, memory_order_acquire) != 0) {
+    while (atomic_load_explicit(&g_pool.done, memory_order_acquire) != joined) {
         PI_CPU_RELAX();
         if (++spins % 64 == 0 && now_ns() > deadline) break;
     }
     pthread_mutex_lock(&g_pool.mu);
-    while (atomic_load_explicit(&g_pool.pending, memory_order_acquire) != 0)
+    while (atomic_load_explicit(&g_pool.done, memory_order_acquire) != joined)
         pthread_cond_wait(&g_pool.cv_done, &g_pool.mu);
     pthread_mutex_unlock(&g_pool.mu);
     pthread_mutex_unlock(&g_pool.dispatch_mu);
