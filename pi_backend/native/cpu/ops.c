@@ -270,6 +270,7 @@ typedef struct {
     const pi_xq *xq;     /* [n_tok] for quantized weight types, else NULL */
     int64_t n_tok;
     float *y;            /* [n_tok, n_out] */
+    int64_t chunk;       /* rows claimed at a time */
     _Atomic int64_t next;
     _Atomic int err;
 } rows_ctx;
@@ -286,7 +287,7 @@ static void rows_task(void *p, int tid, int nth) {
     const pi_dot_fn dot = c->k->dot[slot];
 #define ROW(r) row_ptr(c->W, c->idx ? c->idx[r] : (r))
     chunk_iter it;
-    chunks_start(&it, &c->next, c->n_out, ROWS_CHUNK);
+    chunks_start(&it, &c->next, c->n_out, c->chunk);
     int64_t r0, r1;
     while (chunks_next(&it, &r0, &r1)) {
         /* token by token over the chunk: its rows come from DRAM once (prefetched on the first pass)
@@ -312,8 +313,13 @@ static int run_rows(const pi_matrix *W, const int32_t *idx, int64_t n_out, const
         int rc = xq_prepare(k, x, n_tok, W->cols, &xq);
         if (rc) return rc;
     }
-    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, 0, PI_OK};
     int nth = pi_pool_resolve_threads(n_threads);
+    /* A dense matrix is split in long contiguous runs (about 8 per thread, still enough to balance):
+     * each thread then streams its run and the hardware prefetcher stays locked on. Scattered rows keep
+     * short chunks: their prefetch comes from the index list. */
+    int64_t chunk = ROWS_CHUNK;
+    if (!idx && n_out / (8 * nth) > chunk) chunk = n_out / (8 * nth);
+    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, chunk, 0, PI_OK};
     int64_t chunks = (n_out + ROWS_CHUNK - 1) / ROWS_CHUNK;
     if (nth > chunks) nth = (int)chunks;
     pi_pool_run(rows_task, &c, nth);
