@@ -15,6 +15,7 @@ import numpy as np
 
 from pi_backend import native
 from pi_backend.engine.executors import CpuExecutor, CpuThreadExecutor, gpu_available, gpu_executor, gpu_free_bytes
+from pi_backend.engine.falcon import forward_falcon
 from pi_backend.engine.ffn import MODES, RELU_FAMILY, SparseFFN
 from pi_backend.engine.weights import Weights, load_weights
 from pi_backend.model.config import ModelConfig
@@ -245,6 +246,8 @@ class Model:
         if st.n_past + T > self.n_ctx:
             raise ValueError(f"tokens: {st.n_past} cached + {T} new exceeds the context of {self.n_ctx}")
         pos = np.arange(st.n_past, st.n_past + T, dtype=np.int32)
+        if cfg.arch == "falcon":  # LayerNorm, fused QKV, parallel attention + FFN, NeoX RoPE
+            return forward_falcon(self, ids, pos, all_logits)
         nt = self.n_threads
         x = native.dequantize_rows(w.token_embd, ids)  # the residual stream [T, n_embd]
         for li, lw in enumerate(w.layers):

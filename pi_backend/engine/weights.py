@@ -58,9 +58,13 @@ def vector(gguf: GGUFFile, name: str) -> np.ndarray:
 
 def load_weights(gguf: GGUFFile, cfg: ModelConfig) -> Weights:
     """Views of every tensor the config names (ModelConfig.validate_tensors has checked the shapes)."""
+    if cfg.arch == "falcon":
+        from pi_backend.engine.falcon import load_falcon_weights  # falcon.py imports this module
+
+        return load_falcon_weights(gguf, cfg)
     if cfg.arch not in ("llama", "bamboo"):
         raise GGUFError(gguf.path, f"architecture {cfg.arch!r} is not supported by the engine yet "
-                                   "(supported: llama, bamboo)")
+                                   "(supported: llama, bamboo, falcon)")
     opt = lambda name: matrix(gguf, name) if name in gguf.tensors else None  # noqa: E731
     layers = []
     for i in range(cfg.n_layer):
