@@ -6,7 +6,9 @@ for those the file's metadata, minus tensors, is written to a temporary vocab-on
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 
 from pi_backend.model.gguf_file import GGUFFile
@@ -29,11 +31,13 @@ class Tokenizer:
             raise ImportError("pi_backend's tokenizer is llama.cpp's: install llama-cpp-python "
                               "(scripts/install-llama-cpp-python.sh)") from e
         if not gguf.is_powerinfer and gguf.arch in LLAMA_CPP_ARCHS:
-            return cls(llama_cpp.Llama(model_path=str(gguf.path), vocab_only=True, verbose=False))
+            with _quiet_stderr():
+                return cls(llama_cpp.Llama(model_path=str(gguf.path), vocab_only=True, verbose=False))
         with tempfile.TemporaryDirectory(prefix="pi_backend_vocab_") as tmp:
             path = os.path.join(tmp, "vocab.gguf")
             write_vocab_only(gguf, path)
-            return cls(llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False))
+            with _quiet_stderr():
+                return cls(llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
@@ -43,6 +47,26 @@ class Tokenizer:
 
     def decode(self, tokens: list[int]) -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs context warnings from C even with verbose=False (for a vocab-only load they are
+    meaningless, e.g. a training context of 0): silence file descriptor 2 while it loads."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # no real stderr (embedded, captured): nothing to do
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def write_vocab_only(gguf: GGUFFile, path: str) -> None:
