@@ -121,7 +121,7 @@ def test_decode_pi_backend(benchmark, wtype):
         m.reset()
         m.forward(PROMPT)
         for f in m.ffn:
-            f.stats.calls = f.stats.listed = f.stats.computed = 0
+            f.stats.reset()
 
     benchmark.pedantic(lambda: _decode_steps(lambda t: int(np.argmax(m.forward([t])[-1]))),
                        setup=setup, rounds=5, warmup_rounds=1)

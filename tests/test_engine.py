@@ -81,7 +81,7 @@ def test_oracle_sparse_equals_dense_on_relu_model(relu_model):
     # token by token (decode), the oracle reads a minority of the neurons; dense reads them all
     dense.reset(), oracle.reset()
     for f in oracle.ffn + dense.ffn:
-        f.stats.calls = f.stats.computed = 0
+        f.stats.reset()
     for t in tokens:
         np.testing.assert_allclose(oracle.forward([t]), dense.forward([t]), rtol=0, atol=1e-5 * np.abs(a).max())
     assert all(f.stats.computed_fraction < 0.4 for f in oracle.ffn)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pi_backend import native
-from pi_backend.engine.weights import LayerWeights, Weights, matrix, vector
+from pi_backend.engine.weights import LayerWeights, Weights, matrix, output_head, vector
 from pi_backend.model.config import ModelConfig
 from pi_backend.model.gguf_file import GGUFFile
 
@@ -88,11 +88,10 @@ def load_falcon_weights(gguf: GGUFFile, cfg: ModelConfig) -> FalconWeights:
             attn_norm_2=opt_v(p + "attn_norm_2.weight"),
             attn_norm_2_b=opt_v(p + "attn_norm_2.bias"),
         ))
-    output = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
     return FalconWeights(
         token_embd=matrix(gguf, "token_embd.weight"),
         output_norm=vector(gguf, "output_norm.weight"),
-        output=matrix(gguf, output),
+        output=output_head(gguf),
         layers=layers,
         output_norm_b=opt_v("output_norm.bias"),
     )

@@ -37,6 +37,9 @@ class FFNStats:
     computed: int = 0  # neurons whose up/down rows were read
     hot_listed: int = 0
 
+    def reset(self) -> None:
+        self.calls = self.listed = self.computed = self.hot_listed = 0
+
     @property
     def computed_fraction(self) -> float:
         return self.computed / max(1, self.calls * self.n_ff)

@@ -307,7 +307,7 @@ class Model:
         """Generate, timing prefill and decode separately and measuring the FFN's sparsity."""
         prompt_tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         for f in self.ffn:
-            f.stats.calls = f.stats.listed = f.stats.computed = f.stats.hot_listed = 0
+            f.stats.reset()
         out: list[int] = []
         t0 = time.perf_counter()
         t_first = None

@@ -56,6 +56,11 @@ def vector(gguf: GGUFFile, name: str) -> np.ndarray:
     return np.ascontiguousarray(gguf.dequantize(name), dtype=np.float32)
 
 
+def output_head(gguf: GGUFFile) -> native.Matrix:
+    """output.weight, or token_embd.weight for models with tied embeddings."""
+    return matrix(gguf, "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight")
+
+
 def load_weights(gguf: GGUFFile, cfg: ModelConfig) -> Weights:
     """Views of every tensor the config names (ModelConfig.validate_tensors has checked the shapes)."""
     if cfg.arch == "falcon":
@@ -83,10 +88,9 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig) -> Weights:
             fc1=opt(p + "fc1.weight"),
             fc2=opt(p + "fc2.weight"),
         ))
-    output = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
     return Weights(
         token_embd=matrix(gguf, "token_embd.weight"),
         output_norm=vector(gguf, "output_norm.weight"),
-        output=matrix(gguf, output),
+        output=output_head(gguf),
         layers=layers,
     )
