@@ -244,6 +244,93 @@ def _code(excinfo) -> int:
     return excinfo.value.code
 
 
+# ------------------------------------------------------------------ dense blocks
+
+@pytest.mark.parametrize("n_tok, n", [(1, 128), (3, 300)])
+def test_rmsnorm(dev, n_tok, n):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((n_tok, n)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    ref = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-5) * w
+    dx = dev.to_device(x)
+    assert_close(dev.rmsnorm(dx, dev.to_device(w), 1e-5).to_host(), ref, 1e-5)
+    dev.rmsnorm(dx, dev.to_device(w), 1e-5, out=dx)  # in place
+    assert_close(dx.to_host(), ref, 1e-5)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [16, 12])
+def test_rope_matches_the_cpu_op(dev, neox, n_rot):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    ref = x.copy()
+    native.rope(ref, np.arange(40, 45, dtype=np.int32), n_rot, 10000.0, neox=neox)
+    out = dev.rope(dev.to_device(x), 40, n_rot, 10000.0, neox=neox).to_host()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
+
+
+def attention_np(q, K, V, n_past):
+    """causal GQA attention in float64: q [T, H, d], K/V [S, Hkv, d]"""
+    T, H, d = q.shape
+    group = H // K.shape[1]
+    out = np.zeros((T, H, d))
+    for t in range(T):
+        S = n_past + t + 1
+        for h in range(H):
+            s = K[:S, h // group].astype(np.float64) @ q[t, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[t, h] = p @ V[:S, h // group] / p.sum()
+    return out.reshape(T, H * d)
+
+
+@pytest.mark.parametrize("n_tok, n_past, d", [(1, 0, 32), (1, 37, 64), (4, 9, 16), (3, 300, 32)])
+def test_attention(dev, n_tok, n_past, d):
+    rng = np.random.default_rng(7)
+    H, Hkv, rows = 4, 2, n_past + n_tok + 3
+    q = rng.standard_normal((n_tok, H, d)).astype(np.float32)
+    K = rng.standard_normal((rows, Hkv, d)).astype(np.float32)
+    V = rng.standard_normal((rows, Hkv, d)).astype(np.float32)
+    out = dev.attention(dev.to_device(q), dev.to_device(K), dev.to_device(V), n_past).to_host()
+    assert_close(out, attention_np(q, K, V, n_past), 1e-5)
+    with pytest.raises(ValueError, match="n_past"):
+        dev.attention(dev.to_device(q), dev.to_device(K), dev.to_device(V), rows)
+
+
+def test_add_and_views(dev):
+    a, b = np.arange(12, dtype=np.float32).reshape(4, 3), np.ones((2, 3), np.float32)
+    da = dev.to_device(a)
+    dev.add(da.rows(1, 3), dev.to_device(b))
+    a[1:3] += 1
+    np.testing.assert_array_equal(da.to_host(), a)
+    np.testing.assert_array_equal(da.reshape(12).rows(3, 6).to_host(), a.reshape(-1)[3:6])
+    with pytest.raises(ValueError, match="rows"):
+        da.rows(2, 5)
+
+
+@pytest.mark.parametrize("n_tok", [1, 3])
+@pytest.mark.parametrize("n_ff", [7, 256, 1000])
+def test_select_splits_the_active_set(dev, n_tok, n_ff):
+    rng = np.random.default_rng(n_ff + n_tok)
+    logits = rng.standard_normal((n_tok, n_ff)).astype(np.float32)
+    active = np.flatnonzero((logits >= 0.8).any(0))
+    hot = np.sort(rng.choice(n_ff, n_ff // 3, replace=False))
+    part = np.full(n_ff, -1, np.int32)
+    part[hot] = np.arange(hot.size)
+    hot_out, cold_out, counts = dev.empty(n_ff, np.int32), dev.empty(n_ff, np.int32), dev.empty(2, np.int32)
+    dev.select(dev.to_device(logits), 0.8, dev.to_device(part), hot.size, hot_out, cold_out, counts)
+    n_hot, n_cold = counts.to_host()
+    want_hot = part[active[part[active] >= 0]]
+    want_cold = active[part[active] < 0]
+    np.testing.assert_array_equal(hot_out.to_host()[:n_hot], want_hot)
+    np.testing.assert_array_equal(cold_out.to_host()[:n_cold], want_cold)
+    dev.select(dev.to_device(logits), 0.8, None, 0, hot_out, cold_out, counts)  # no hot partition
+    assert tuple(counts.to_host()) == (0, active.size)
+    np.testing.assert_array_equal(cold_out.to_host()[:active.size], active)
+    part[3] = n_ff  # a corrupt map entry: flagged at the next sync, counted cold
+    dev.select(dev.to_device(logits), 0.8, dev.to_device(part), hot.size, hot_out, cold_out, counts)
+    with pytest.raises(native.NativeError, match="index is outside"):
+        dev.sync()
+
+
 def test_bad_indices_are_flagged_and_skipped(dev):
     rng = np.random.default_rng(4)
     m, ref = make_matrix(rng, 20, 64, native.TYPE_F16)

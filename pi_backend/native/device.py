@@ -133,8 +133,31 @@ class DeviceArray:
                                                                _stream(self.dev.ffi, stream)))
         return self
 
+    def _view(self, shape: tuple, byte_offset: int) -> "DeviceArray":
+        v = object.__new__(DeviceArray)
+        v.dev, v.dtype, v.shape = self.dev, self.dtype, tuple(int(s) for s in shape)
+        v.nbytes = int(np.prod(v.shape, dtype=np.int64)) * self.dtype.itemsize
+        v._ptr = self.dev.ffi.cast("char *", self.ptr()) + byte_offset
+        v._finalizer, v._base = self._finalizer, self  # alive exactly as long as the storage
+        return v
+
+    def rows(self, start: int, stop: int) -> "DeviceArray":
+        """A view (no copy) of rows start .. stop - 1 of the first dimension."""
+        if self.ndim == 0 or not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows: [{start}, {stop}) outside the first dimension of {self.shape}")
+        row = self.nbytes // self.shape[0] if self.shape[0] else 0
+        return self._view((stop - start,) + self.shape[1:], start * row)
+
+    def reshape(self, *shape) -> "DeviceArray":
+        """A view (no copy) with another shape of the same size."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if int(np.prod(shape, dtype=np.int64)) != self.size:
+            raise ValueError(f"reshape: {shape} does not hold the {self.size} elements of {self.shape}")
+        return self._view(shape, 0)
+
     def free(self) -> None:
-        self._finalizer()
+        if getattr(self, "_base", None) is None:  # a view never frees its storage
+            self._finalizer()
 
     def __repr__(self) -> str:
         return f"DeviceArray({self.shape}, {self.dtype}, on {self.dev.name})"
@@ -345,6 +368,90 @@ class Device:
         _check("pi_dev_predict_logits", self.lib.pi_dev_predict_logits(
             fc1._desc, fc2._desc, x.ptr("float *"), n_tok, y.ptr("float *"), _stream(self.ffi, stream)))
         return y
+
+    # ---- dense blocks (an offloaded layer's attention; the residual stream stays on the device)
+    def rmsnorm(self, x: DeviceArray, w: DeviceArray, eps: float, out: DeviceArray | None = None,
+                stream=None) -> DeviceArray:
+        """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (out may be x)."""
+        w = self._arr(w, "w", np.float32, 1)
+        x, n_tok = self._tokens(x, "x", w.size)
+        if not (isinstance(eps, (int, float, np.floating)) and eps >= 0):
+            raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
+        y = self._out(out, "out", x.shape)
+        _check("pi_dev_rmsnorm", self.lib.pi_dev_rmsnorm(x.ptr("float *"), w.ptr("float *"), n_tok, w.size,
+                                                         float(eps), y.ptr("float *"), _stream(self.ffi, stream)))
+        return y
+
+    def rope(self, x: DeviceArray, pos0: int, n_rot: int, freq_base: float, neox: bool = False,
+             stream=None) -> DeviceArray:
+        """Rotary embedding in place on x [n_tok, n_heads, head_dim] at positions pos0, pos0 + 1, .."""
+        x = self._arr(x, "x", np.float32, 3)
+        n_tok, n_heads, head_dim = x.shape
+        if not 0 < n_rot <= head_dim or n_rot % 2:
+            raise ValueError(f"n_rot: must be even and in (0, {head_dim}], got {n_rot}")
+        if int(pos0) < 0:
+            raise ValueError(f"pos0: must be >= 0, got {pos0}")
+        if not freq_base > 0:
+            raise ValueError(f"freq_base: must be > 0, got {freq_base}")
+        _check("pi_dev_rope", self.lib.pi_dev_rope(x.ptr("float *"), int(pos0), n_tok, n_heads, head_dim, int(n_rot),
+                                                   float(freq_base), int(bool(neox)), _stream(self.ffi, stream)))
+        return x
+
+    def attention(self, q: DeviceArray, k_cache: DeviceArray, v_cache: DeviceArray, n_past: int,
+                  out: DeviceArray | None = None, stream=None) -> DeviceArray:
+        """Causal GQA attention of q [n_tok, n_head, d] (positions n_past ..) over the cache rows
+        [kv_rows, n_head_kv, d] (the new tokens' rows already written); returns [n_tok, n_head * d]."""
+        q = self._arr(q, "q", np.float32, 3)
+        k_cache, v_cache = self._arr(k_cache, "k_cache", np.float32, 3), self._arr(v_cache, "v_cache", np.float32, 3)
+        n_tok, n_head, d = q.shape
+        kv_rows, n_head_kv, dk = k_cache.shape
+        if v_cache.shape != k_cache.shape or dk != d:
+            raise ValueError(f"k_cache / v_cache: shapes {k_cache.shape} / {v_cache.shape} do not fit q {q.shape}")
+        if n_head % n_head_kv:
+            raise ValueError(f"q: {n_head} heads is not a multiple of the cache's {n_head_kv}")
+        if not 0 <= int(n_past) <= kv_rows - n_tok:
+            raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
+        y = self._out(out, "out", (n_tok, n_head * d))
+        _check("pi_dev_attention", self.lib.pi_dev_attention(
+            q.ptr("float *"), k_cache.ptr("float *"), v_cache.ptr("float *"), kv_rows, int(n_past), n_tok, n_head,
+            n_head_kv, d, y.ptr("float *"), _stream(self.ffi, stream)))
+        return y
+
+    def add(self, y: DeviceArray, x: DeviceArray, stream=None) -> DeviceArray:
+        """y += x in place (same shape)."""
+        y, x = self._arr(y, "y", np.float32), self._arr(x, "x", np.float32)
+        if x.shape != y.shape:
+            raise ValueError(f"x: shape {x.shape} != y {y.shape}")
+        _check("pi_dev_add", self.lib.pi_dev_add(y.ptr("float *"), x.ptr("float *"), y.size, _stream(self.ffi, stream)))
+        return y
+
+    def select(self, logits: DeviceArray, threshold: float, part: DeviceArray | None, n_local: int,
+               hot_out: DeviceArray, cold_out: DeviceArray, counts: DeviceArray, stream=None) -> None:
+        """The active set of logits [n_tok, n_ff] (>= threshold for any token) split by part (int32 [n_ff]:
+        local hot id or -1; None: all cold) into hot_out (local ids) and cold_out (neuron ids), ascending,
+        with counts [2] = (n_hot, n_cold); all on the device."""
+        logits = self._arr(logits, "logits", np.float32, (1, 2))
+        n_ff = logits.shape[-1]
+        n_tok = 1 if logits.ndim == 1 else logits.shape[0]
+        if n_tok == 0:
+            raise ValueError("logits: no tokens")
+        if part is not None:
+            part = self._arr(part, "part", np.int32, 1)
+            if part.size != n_ff:
+                raise ValueError(f"part: expected {n_ff} entries, got {part.size}")
+        if not 0 <= int(n_local) <= n_ff:
+            raise ValueError(f"n_local: must be in [0, {n_ff}], got {n_local}")
+        for name, a in (("hot_out", hot_out), ("cold_out", cold_out)):
+            if self._arr(a, name, np.int32, 1).size < n_ff:
+                raise ValueError(f"{name}: capacity {a.size} < n_ff {n_ff}")
+        if self._arr(counts, "counts", np.int32, 1).size < 2:
+            raise ValueError("counts: needs 2 entries")
+        if threshold != threshold:
+            raise ValueError("threshold: NaN")
+        _check("pi_dev_select", self.lib.pi_dev_select(
+            logits.ptr("float *"), n_tok, n_ff, float(threshold), part.ptr("int32_t *") if part is not None else self.ffi.NULL,
+            int(n_local), hot_out.ptr("int32_t *"), cold_out.ptr("int32_t *"), counts.ptr("int32_t *"),
+            _stream(self.ffi, stream)))
 
     def __repr__(self) -> str:
         return f"Device({self.backend}: {self.name}, {self.path})"

@@ -654,6 +654,195 @@ int run_axpy(const DevInfo *di, const AxpyPlan &p, const pi_matrix *Wt, const in
     return PI_OK;
 }
 
+/* ------------------------------------------------------------------ dense blocks: norm, RoPE, attention
+
+These keep an offloaded layer's attention block on the device: the residual stream stays there between
+layers and only the FFN input (n_embd floats per token) and a compact cold index list come back. They
+are small next to the weight streams (k_rows does the projections); written for clarity and fixed
+reduction orders (deterministic), not for the last microsecond. */
+
+/* sum over the block in a fixed order: warp butterflies, then every thread adds the warp sums in order.
+ * sh: >= PI_BLOCK / warp floats of shared memory; callable repeatedly (barrier before reuse). */
+__device__ __forceinline__ float block_sum(float v, float *sh) {
+    const int lane = (int)(threadIdx.x % PI_WARP_SIZE), warp = (int)(threadIdx.x / PI_WARP_SIZE);
+    const int nw = (int)(blockDim.x / PI_WARP_SIZE);
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int w = 0; w < nw; w++) t += sh[w];
+    return t;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = PI_WARP_SIZE / 2; o > 0; o >>= 1) v = fmaxf(v, PI_SHFL_XOR(v, o));
+    return v;
+}
+
+__device__ __forceinline__ float block_max(float v, float *sh) {
+    const int lane = (int)(threadIdx.x % PI_WARP_SIZE), warp = (int)(threadIdx.x / PI_WARP_SIZE);
+    const int nw = (int)(blockDim.x / PI_WARP_SIZE);
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = sh[0];
+    for (int w = 1; w < nw; w++) t = fmaxf(t, sh[w]);
+    return t;
+}
+
+/* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w; block per token; y may be x */
+__global__ void __launch_bounds__(PI_BLOCK) k_rmsnorm(const float *x, const float *__restrict__ w, int64_t n,
+                                                      float eps, float *y) {
+    __shared__ float sh[PI_BLOCK / 32];
+    const float *xt = x + (int64_t)blockIdx.x * n;
+    float *yt = y + (int64_t)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xt[i], xt[i], ss);
+    ss = block_sum(ss, sh);
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yt[i] = xt[i] * scale * PI_LDG(w + i);
+}
+
+/* rotary embedding in place, x [n_tok, n_heads, head_dim] at positions pos0 + t; one thread per pair.
+ * theta_i = pos * theta_scale^i by repeated float multiplication, as the CPU op (and ggml) */
+__global__ void __launch_bounds__(PI_BLOCK) k_rope(float *x, int64_t pos0, int64_t n_tok, int64_t n_heads,
+                                                   int64_t head_dim, int64_t n_rot, float theta_scale, int neox) {
+    const int64_t half = n_rot / 2, n = n_tok * n_heads * half;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e % half, th = e / half, t = th / n_heads;
+        float theta = (float)(pos0 + t);
+        for (int64_t j = 0; j < i; j++) theta *= theta_scale;
+        const float c = cosf(theta), s = sinf(theta);
+        float *v = x + th * head_dim;
+        const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c - x1 * s;
+        v[b] = x0 * s + x1 * c;
+    }
+}
+
+/* Causal GQA attention, block (head h, token t): token t (at position n_past + t) sees cache rows
+ * 0 .. n_past + t. q [n_tok, n_head * d], K/V [kv_rows, n_head_kv * d], out [n_tok, n_head * d],
+ * sc: scratch [n_tok, n_head, n_past + n_tok] for the scores. Warp per cache row for the scores, then
+ * softmax over the block, then groups of d threads sum interleaved rows of V (in a fixed order). */
+__global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict__ q, const float *__restrict__ K,
+                                                        const float *__restrict__ V, int64_t n_past, int64_t t_base,
+                                                        int64_t n_head, int64_t n_head_kv, int64_t d, float scale,
+                                                        float *__restrict__ sc, int64_t s_max, float *__restrict__ out) {
+    __shared__ float red[PI_BLOCK];
+    const int lane = (int)(threadIdx.x % PI_WARP_SIZE), warp = (int)(threadIdx.x / PI_WARP_SIZE);
+    const int nw = (int)(blockDim.x / PI_WARP_SIZE), bd = (int)blockDim.x, tid = (int)threadIdx.x;
+    const int64_t h = blockIdx.x, t = t_base + blockIdx.y;
+    const int64_t g = h / (n_head / n_head_kv), S = n_past + t + 1, kv_w = n_head_kv * d;
+    const float *qv = q + (t * n_head + h) * d;
+    float *s = sc + (blockIdx.y * n_head + h) * s_max;
+    for (int64_t r = warp; r < S; r += nw) {
+        const float *kr = K + r * kv_w + g * d;
+        float dot = 0.0f;
+        for (int64_t j = lane; j < d; j += PI_WARP_SIZE) dot = fmaf(qv[j], kr[j], dot);
+        dot = warp_sum(dot);
+        if (lane == 0) s[r] = dot * scale;
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int64_t r = tid; r < S; r += bd) m = fmaxf(m, s[r]);
+    m = block_max(m, red);
+    float sum = 0.0f;
+    for (int64_t r = tid; r < S; r += bd) {
+        const float e = expf(s[r] - m);
+        s[r] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, red); /* its barriers also publish the s[] writes */
+    const float inv = 1.0f / sum;
+    float *o = out + (t * n_head + h) * d;
+    if (d <= bd) {
+        const int G = bd / (int)d, gi = tid / (int)d, j = tid % (int)d;
+        float acc = 0.0f;
+        if (gi < G)
+            for (int64_t r = gi; r < S; r += G) acc = fmaf(s[r], V[r * kv_w + g * d + j], acc);
+        __syncthreads();
+        if (gi < G) red[gi * d + j] = acc;
+        __syncthreads();
+        if (tid < d) {
+            float v = 0.0f;
+            for (int k = 0; k < G; k++) v += red[k * d + tid];
+            o[tid] = v * inv;
+        }
+    } else {
+        for (int64_t j = tid; j < d; j += bd) {
+            float acc = 0.0f;
+            for (int64_t r = 0; r < S; r++) acc = fmaf(s[r], V[r * kv_w + g * d + j], acc);
+            o[j] = acc * inv;
+        }
+    }
+}
+
+/* y += x, elementwise */
+__global__ void __launch_bounds__(PI_BLOCK) k_add(float *__restrict__ y, const float *__restrict__ x, int64_t n) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
+        y[e] += x[e];
+}
+
+/* The predictor's threshold and the hot/cold split in one pass, on one block: neuron i is active if
+ * logits[t, i] >= thr for some token; an active neuron with part[i] >= 0 goes to hot_out as its local
+ * id part[i], one with part[i] == -1 (or every neuron, part NULL) to cold_out as i. Both lists come out
+ * in ascending neuron order (a block-wide exclusive scan per chunk of PI_BLOCK neurons); counts[0] =
+ * hot, counts[1] = cold. A part[] entry outside [-1, n_local) flags ERR_INDEX and counts as cold. */
+__global__ void __launch_bounds__(PI_BLOCK) k_select(const float *__restrict__ logits, int64_t n_tok, int64_t n_ff,
+                                                     float thr, const int32_t *__restrict__ part, int64_t n_local,
+                                                     int32_t *__restrict__ hot_out, int32_t *__restrict__ cold_out,
+                                                     int32_t *__restrict__ counts) {
+    __shared__ int scan[PI_BLOCK];
+    const int tid = (int)threadIdx.x, bd = (int)blockDim.x;
+    int64_t n_hot = 0, n_cold = 0;
+    for (int64_t c0 = 0; c0 < n_ff; c0 += bd) {
+        const int64_t i = c0 + tid;
+        bool on = false;
+        int32_t m = -1;
+        if (i < n_ff) {
+            for (int64_t t = 0; t < n_tok && !on; t++) on = logits[t * n_ff + i] >= thr;
+            if (part) {
+                m = PI_LDG(part + i);
+                if (m < -1 || m >= n_local) {
+                    atomicOr(&g_pi_err, ERR_INDEX);
+                    m = -1;
+                }
+            }
+        }
+        const int hot = on && m >= 0, cold = on && m < 0;
+        /* inclusive Hillis-Steele scan of (hot | cold << 16): PI_BLOCK <= 1024 fits either half */
+        scan[tid] = hot | (cold << 16);
+        __syncthreads();
+        for (int o = 1; o < bd; o <<= 1) {
+            const int v = tid >= o ? scan[tid - o] : 0;
+            __syncthreads();
+            scan[tid] += v;
+            __syncthreads();
+        }
+        const int incl = scan[tid], total = scan[bd - 1];
+        if (hot) hot_out[n_hot + (incl & 0xffff) - 1] = m;
+        if (cold) cold_out[n_cold + (incl >> 16) - 1] = (int32_t)i;
+        n_hot += total & 0xffff;
+        n_cold += total >> 16;
+        __syncthreads(); /* scan[] is rewritten by the next chunk */
+    }
+    if (tid == 0) {
+        counts[0] = (int32_t)n_hot;
+        counts[1] = (int32_t)n_cold;
+    }
+}
+
+int grid_for(int64_t n, const DevInfo *di) {
+    int64_t blocks = (n + PI_BLOCK - 1) / PI_BLOCK;
+    const int64_t cap = 32 * (int64_t)di->sms;
+    if (blocks > cap) blocks = cap;
+    return blocks < 1 ? 1 : (int)blocks;
+}
+
 int check_tokens(const float *x, int64_t n_tok, const float *y) {
     if (!x || !y) return PI_ERR_NULL;
     if (n_tok <= 0 || n_tok > PI_MAX_DIM) return PI_ERR_SHAPE;
@@ -903,4 +1092,95 @@ PI_EXPORT int pi_dev_predict_logits(const pi_matrix *fc1, const pi_matrix *fc2, 
         rc = run_rows(di, fc2, nullptr, fc2->rows, zf, n_tok, logits, MODE_PLAIN, 0, 0.0f, nullptr, st);
     scratch_free(di, z, st);
     return rc;
+}
+
+/* ------------------------------------------------------------------ entry points: dense blocks */
+
+PI_EXPORT int pi_dev_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float eps, float *y,
+                             void *stream) {
+    if (!x || !w || !y) return PI_ERR_NULL;
+    int64_t tmp;
+    if (n_tok <= 0 || n <= 0 || n_tok > GRID_Y_MAX * 1024 || !mul_ok(n_tok, n, &tmp) || !(eps >= 0.0f))
+        return PI_ERR_SHAPE;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    (void)di;
+    pi_launch(k_rmsnorm, dim3((unsigned)n_tok), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), x, w, n, eps, y);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
+PI_EXPORT int pi_dev_rope(float *x, int64_t pos0, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_rot,
+                          float freq_base, int32_t neox, void *stream) {
+    if (!x) return PI_ERR_NULL;
+    int64_t a, b;
+    if (n_tok <= 0 || n_heads <= 0 || head_dim <= 0 || n_rot <= 0 || n_rot > head_dim || n_rot % 2 || pos0 < 0 ||
+        pos0 > PI_MAX_DIM || !(freq_base > 0.0f) || !mul_ok(n_tok, n_heads, &a) || !mul_ok(a, head_dim, &b))
+        return PI_ERR_SHAPE;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    const float theta_scale = powf(freq_base, -2.0f / (float)n_rot); /* on the host: the CPU op's value */
+    pi_launch(k_rope, dim3((unsigned)grid_for(a * (n_rot / 2), di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream),
+              x, pos0, n_tok, n_heads, head_dim, n_rot, theta_scale, (int)(neox != 0));
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
+PI_EXPORT int pi_dev_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows,
+                               int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                               float *out, void *stream) {
+    if (!q || !k_cache || !v_cache || !out) return PI_ERR_NULL;
+    int64_t tmp;
+    if (n_tok <= 0 || n_past < 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || n_head % n_head_kv ||
+        n_head > GRID_Y_MAX || kv_rows > PI_MAX_DIM || n_past > kv_rows || n_tok > kv_rows - n_past ||
+        !mul_ok(kv_rows, n_head_kv * head_dim, &tmp) || !mul_ok(n_tok, n_head * head_dim, &tmp))
+        return PI_ERR_SHAPE;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    gpuStream_t st = static_cast<gpuStream_t>(stream);
+    /* the scores of a chunk of tokens: at most 16 Mi floats of scratch at a time */
+    const int64_t s_max = n_past + n_tok;
+    int64_t chunk = ((int64_t)16 << 20) / (n_head * s_max);
+    if (chunk < 1) chunk = 1;
+    if (chunk > GRID_Y_MAX) chunk = GRID_Y_MAX;
+    if (chunk > n_tok) chunk = n_tok;
+    void *sc = nullptr;
+    if ((rc = scratch_alloc(di, (size_t)(chunk * n_head * s_max) * sizeof(float), st, &sc))) return rc;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int64_t t0 = 0; t0 < n_tok && !rc; t0 += chunk) {
+        const int64_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        pi_launch(k_attention, dim3((unsigned)n_head, (unsigned)nt), dim3(PI_BLOCK), st, q, k_cache, v_cache, n_past,
+                  t0, n_head, n_head_kv, head_dim, scale, static_cast<float *>(sc), s_max, out);
+        if (gpuGetLastError() != gpuSuccess) rc = PI_ERR_DEVICE;
+    }
+    scratch_free(di, sc, st);
+    return rc;
+}
+
+PI_EXPORT int pi_dev_add(float *y, const float *x, int64_t n, void *stream) {
+    if (!y || !x) return PI_ERR_NULL;
+    if (n < 0 || n > PI_MAX_DIM) return PI_ERR_SHAPE;
+    if (n == 0) return PI_OK;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    pi_launch(k_add, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), y, x, n);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
+PI_EXPORT int pi_dev_select(const float *logits, int64_t n_tok, int64_t n_ff, float threshold, const int32_t *part,
+                            int64_t n_local, int32_t *hot_out, int32_t *cold_out, int32_t *counts, void *stream) {
+    if (!logits || !hot_out || !cold_out || !counts) return PI_ERR_NULL;
+    int64_t tmp;
+    if (n_tok <= 0 || n_ff <= 0 || n_ff > INT32_MAX || n_local < 0 || n_local > n_ff || !mul_ok(n_tok, n_ff, &tmp) ||
+        threshold != threshold)
+        return PI_ERR_SHAPE;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    (void)di;
+    pi_launch(k_select, dim3(1), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), logits, n_tok, n_ff, threshold,
+              part, n_local, hot_out, cold_out, counts);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
 }

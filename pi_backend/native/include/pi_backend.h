@@ -174,6 +174,26 @@ int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matri
 /* logits [n_tok, fc2.rows] = fc2 . relu(fc1 . x[t]), the predictor of pi_predict before its threshold */
 int pi_dev_predict_logits(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok,
                           float *logits, void *stream);
+/* ---- dense blocks of an offloaded layer (the residual stream stays on the device) */
+/* as pi_rmsnorm; w is a device array of n floats */
+int pi_dev_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float eps, float *y, void *stream);
+/* as pi_rope at the consecutive positions pos0 .. pos0 + n_tok - 1 */
+int pi_dev_rope(float *x, int64_t pos0, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_rot,
+                float freq_base, int32_t neox, void *stream);
+/* causal grouped-query attention of q [n_tok, n_head, head_dim] at positions n_past .. over the cache
+ * rows k_cache / v_cache [kv_rows, n_head_kv, head_dim] (rows n_past .. n_past + n_tok - 1 already hold
+ * the new tokens); out [n_tok, n_head * head_dim]. Needs n_past + n_tok <= kv_rows. */
+int pi_dev_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
+                     int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, void *stream);
+/* y[i] += x[i] for i < n */
+int pi_dev_add(float *y, const float *x, int64_t n, void *stream);
+/* The predictor's active set split into the hot and cold partitions, on the device: neuron i is active
+ * if logits[t, i] >= threshold for some token t (logits [n_tok, n_ff]); part[i] is its local id in the
+ * hot partition (< n_local) or -1 (cold; part NULL: every neuron is cold). Writes the hot local ids and
+ * the cold neuron ids, each ascending, to hot_out / cold_out (capacity n_ff each) and their counts to
+ * counts[0] / counts[1] (device memory): only the cold list and two counts need to come back. */
+int pi_dev_select(const float *logits, int64_t n_tok, int64_t n_ff, float threshold, const int32_t *part,
+                  int64_t n_local, int32_t *hot_out, int32_t *cold_out, int32_t *counts, void *stream);
 /* PI_DEVICE_CDEF_END */
 
 #ifdef __cplusplus
