@@ -267,3 +267,86 @@ def test_engine_runs_the_hot_partition_on_the_device(model, emu_device, tmp_path
     subprocess.run([sys.executable, "-c", script, str(model.path), str(out)], env=env, check=True, timeout=300)
     ref = pi_backend.load(model.path).forward(TOKENS, all_logits=True)
     np.testing.assert_allclose(np.load(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def _run_on_emulated_device(emu_device, tmp_path, model_path, script: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PI_BACKEND_DEVICE_LIB=emu_device.path)
+    subprocess.run([sys.executable, "-c", script, str(model_path), str(tmp_path)], env=env, check=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A byte-vocabulary model with GQA: the emulated output head stays small (257 rows, not 32000)."""
+    d = tmp_path_factory.mktemp("hybrid_byte")
+    fm = write_llama_model(d / "b.powerinfer.gguf", n_embd=128, n_ff=512, n_layer=2, n_head=4, n_head_kv=2,
+                           ffn_act="reglu", powerinfer=True, predictor_rank=64, weight_type="f16", seed=3,
+                           vocab="byte")
+    (d / "activation").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, 512).astype(np.float32))
+    return fm
+
+
+BYTE_TOKENS = [1, 84, 104, 101, 32, 99, 97, 116]
+
+
+@pytest.mark.parametrize("mode", ["sparse", "oracle"])
+def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_path, mode):
+    """A budget that holds every dense block and the KV cache: attention, norms, predictors, the output
+    head and the KV cache of every layer live on the device (the residual never comes back between
+    layers); the hot partition there, the cold one on the CPU. Same logits as the CPU-only engine for a
+    prefill and decode steps, the same greedy tokens, and the KV cache survives save/load_state. sparse:
+    the predictor and the hot/cold split run on the device; oracle: the active set comes from the host."""
+    script = (
+        "import sys, numpy as np, pi_backend\n"
+        "from pi_backend.placement import CostModel\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, n_ctx=64, mode=" + repr(mode) + ",\n"
+        "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
+        "dl = m.device_layers\n"
+        "assert dl is not None and sorted(dl.layers) == [0, 1] and dl.output is not None, m.placement.dense_gpu\n"
+        "assert all((L.fc1 is not None) == (m.mode == 'sparse') and L.hot is not None for L in dl.layers.values())\n"
+        "out = [m.forward(" + repr(BYTE_TOKENS) + ", all_logits=True)] + [m.forward([t]) for t in (13, 29)]\n"
+        "saved = m.save_state()\n"
+        "out.append(m.forward([7]))\n"
+        "m.load_state(saved)\n"
+        "out.append(m.forward([7]))\n"
+        "np.save(sys.argv[2] + '/dev.npy', np.concatenate(out))\n"
+        "np.save(sys.argv[2] + '/gen.npy', np.array(m.generate(" + repr(BYTE_TOKENS) + ", max_tokens=3).tokens))\n"
+        "assert all(f.stats.hot_listed > 0 for f in m.ffn)\n"
+    )
+    _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode)
+    ref = [ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)]
+    ref.append(ref_model.forward([7]))
+    ref_model.truncate(ref_model.n_past - 1)
+    ref.append(ref_model.forward([7]))
+    ref = np.concatenate(ref)
+    np.testing.assert_allclose(np.load(tmp_path / "dev.npy"), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    assert np.load(tmp_path / "gen.npy").tolist() == ref_model.generate(BYTE_TOKENS, max_tokens=3).tokens
+
+
+def test_dense_offload_needs_the_kv_cache_on_the_device(model, emu_device, tmp_path):
+    """A budget too small for the KV cache beside the dense blocks: the dense part stays on the CPU (no
+    half-offloaded attention over a host cache), with a message saying why."""
+    script = (
+        "import sys, numpy as np, pi_backend\n"
+        "from pi_backend.placement import CostModel\n"
+        "from pi_backend.model.gguf_file import GGUFFile\n"
+        "from pi_backend.model.config import ModelConfig\n"
+        "from pi_backend.placement import ModelSizes\n"
+        "g = GGUFFile.open(sys.argv[1])\n"
+        "cfg = ModelConfig.from_gguf(g)\n"
+        "sizes = ModelSizes.from_gguf(g, cfg, n_ctx=min(256, cfg.n_ctx_train or 256))  # the engine's n_ctx\n"
+        "kv = sum(b.nbytes for b in sizes.dense if b.kind == 'kv_cache')\n"
+        "budget = (sizes.dense_bytes - kv // 2) / 2**30  # every dense block but half the KV cache\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=budget, n_ctx=256,\n"
+        "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
+        "assert 'kv_cache' not in m.placement.dense_gpu and m.device_layers is None, m.placement.dense_gpu\n"
+        "assert 'output' in m.placement.dense_gpu and any('cannot hold' in t or 'KV cache' in t for t in m.placement.messages)\n"
+    )
+    _run_on_emulated_device(emu_device, tmp_path, model.path, script)

@@ -121,12 +121,26 @@ class Model:
             if self.placement is not None and self.placement.has_split:
                 self.hot_neurons = self.placement.hot
         self.hot_executor, self.cold_executor = self._executors()
+        self.device_layers = None  # DeviceLayers: the dense blocks the placement put on the GPU
         self.ffn = [SparseFFN(i, lw, cfg.ffn_act, self.mode, self._layer_threshold(i),
                               self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads)
                     for i, lw in enumerate(self.weights.layers)]
         shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
         self.state = RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         self._tokenizer = None
+        if self.use_gpu and self.placement is not None and cfg.arch != "falcon":
+            self.device_layers = self._offload_dense()
+
+    def _offload_dense(self):
+        from pi_backend.engine.device_layers import DeviceLayers, offloaded_layers
+        from pi_backend.engine.executors import DeviceExecutor
+
+        layers, preds, output = offloaded_layers(self.placement.dense_gpu, self.config.n_layer)
+        if not layers:
+            return None
+        hot = self.hot_executor if isinstance(self.hot_executor, DeviceExecutor) else None
+        dev = hot.dev if hot is not None else gpu_executor().dev
+        return DeviceLayers(self, dev, layers, preds, output, hot_rows=hot._layers if hot else None)
 
     # ---- set-up helpers
     def _layer_threshold(self, i: int) -> float:
@@ -216,7 +230,10 @@ class Model:
     def save_state(self) -> dict:
         """A copy of the filled part of the KV cache (llama-cpp-python's save_state)."""
         n = self.state.n_past
-        return {"n_past": n, "k": self.state.k[:, :n].copy(), "v": self.state.v[:, :n].copy()}
+        k, v = self.state.k[:, :n].copy(), self.state.v[:, :n].copy()
+        for li in self.device_layers.layers if self.device_layers else ():
+            k[li], v[li] = self.device_layers.kv(li, n)
+        return {"n_past": n, "k": k, "v": v}
 
     def load_state(self, saved: dict) -> None:
         n = int(saved["n_past"])
@@ -225,9 +242,13 @@ class Model:
             raise ValueError(f"state: does not fit this model (n_past {n}, k {getattr(k, 'shape', None)})")
         self.state.k[:, :n] = k
         self.state.v[:, :n] = v
+        for li in self.device_layers.layers if self.device_layers else ():
+            self.device_layers.set_kv(li, k[li], v[li])
         self.state.n_past = n
 
     def close(self) -> None:
+        if self.device_layers is not None:
+            self.device_layers.close()
         self.hot_executor.close()
         self.cold_executor.close()
         self.gguf.close()
@@ -250,7 +271,16 @@ class Model:
             return forward_falcon(self, ids, pos, all_logits)
         nt = self.n_threads
         x = native.dequantize_rows(w.token_embd, ids)  # the residual stream [T, n_embd]
+        dl = self.device_layers
+        xd = None  # the residual stream while it is on the device (offloaded layers)
         for li, lw in enumerate(w.layers):
+            if dl is not None and li in dl.layers:
+                xd = dl.upload(x) if xd is None else xd
+                dl.attention(li, xd, st.n_past)
+                dl.ffn(li, xd)
+                continue
+            if xd is not None:
+                x, xd = dl.download(xd), None
             h = native.rmsnorm(x, lw.attn_norm, cfg.norm_eps)
             q = native.gemm(lw.wq, h, n_threads=nt).reshape(T, cfg.n_head, cfg.head_dim)
             k = native.gemm(lw.wk, h, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
@@ -264,6 +294,10 @@ class Model:
             ffn_in = native.rmsnorm(x, lw.ffn_norm, cfg.norm_eps)
             x = x + self.ffn[li](x, ffn_in)
         st.n_past += T
+        if xd is not None:
+            if dl.output is not None:
+                return dl.logits(xd if all_logits else xd.rows(T - 1, T))
+            x = dl.download(xd)
         last = x if all_logits else x[-1:]
         return native.gemm(w.output, native.rmsnorm(np.ascontiguousarray(last), w.output_norm, cfg.norm_eps),
                            n_threads=nt)

@@ -84,9 +84,10 @@ class ModelSizes:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, n_ctx: int | None = None,
-                  kv_bytes_per_value: int = 2) -> "ModelSizes":
+                  kv_bytes_per_value: int = 4) -> "ModelSizes":
         """Real sizes read from the file's tensor table. n_ctx: KV cache length (default: the model's
-        training context); kv_bytes_per_value: 2 for an f16 cache on the device."""
+        training context); kv_bytes_per_value: 4 for the f32 cache the engine allocates on the device
+        (engine/device_layers.py)."""
         t = gguf.tensors
 
         def nbytes(*names: str) -> int:

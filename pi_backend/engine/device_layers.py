@@ -1,0 +1,226 @@
+"""The dense blocks of offloaded layers on the GPU (issue 7, PowerInfer's dense offload).
+
+For each layer the placement puts on the device (its attention block, with the norms and the KV cache;
+its predictor when that fits too), the residual stream stays in device memory from one such layer to
+the next. Per layer and step:
+
+    device:  RMSNorm -> Q, K, V (K and V written straight into the layer's device KV cache) -> RoPE ->
+             attention -> Wo, added into the residual -> FFN norm -> predictor logits -> pi_dev_select:
+             the active set split into hot local ids (stay on the device) and cold neuron ids
+    copy back, then the layer's one synchronisation: the FFN input (n_embd floats per token), two
+             counts and the cold index list (a compact list, never an n_ff-sized vector)
+    then, overlapped: the hot partition's fused sparse FFN on the device (accumulating into the
+             residual) while the CPU pool computes the cold partition; the cold partial sum is copied
+             up and added on the stream, with no wait.
+
+The output head runs on the device too when it is placed there and the last layer is offloaded; then
+only the logits come back. Layers not offloaded run on the CPU as before (the residual crosses over
+once at each boundary). Without a device predictor (sparse mode whose predictor did not fit), or in the
+dense / oracle / threshold modes, the active set comes from the host (the same one sync: the residual
+comes back with the FFN input). Plain GGUF layers (W_down not neuron-major) compute their FFN on the
+CPU from the copied-back input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pi_backend import native
+
+if TYPE_CHECKING:
+    from pi_backend.engine.model import Model
+    from pi_backend.native.device import Device, DeviceArray, DeviceMatrix
+
+__all__ = ["DeviceLayers", "offloaded_layers"]
+
+
+def offloaded_layers(placed: set[str] | tuple[str, ...], n_layer: int) -> tuple[list[int], set[int], bool]:
+    """From a placement's dense_gpu: (layers whose dense part runs on the device, those with a device
+    predictor, whether the output head does). A layer runs there only with its attention weights, the
+    norms and the KV cache (attention over a host cache would cost a round trip per layer); the
+    solver's priority order places the KV cache last, so this is all of them or none."""
+    placed = set(placed)
+    if "kv_cache" not in placed or "norms" not in placed:
+        return [], set(), False
+    layers = [i for i in range(n_layer) if f"attn.{i}" in placed]
+    preds = {i for i in layers if f"pred.{i}" in placed}
+    output = "output" in placed and bool(layers) and layers[-1] == n_layer - 1
+    return layers, preds, output
+
+
+@dataclass
+class _Layer:
+    attn_norm: Any
+    ffn_norm: Any
+    wq: DeviceMatrix
+    wk: DeviceMatrix
+    wv: DeviceMatrix
+    wo: DeviceMatrix
+    k: DeviceArray                  # KV cache [n_ctx, n_head_kv, head_dim], f32
+    v: DeviceArray
+    fc1: DeviceMatrix | None = None
+    fc2: DeviceMatrix | None = None
+    part: DeviceArray | None = None  # int32 [n_ff]: local hot id or -1
+    local: np.ndarray | None = None  # the same map on the host
+    n_local: int = 0
+    hot: tuple | None = None         # (gate, up, down_t) DeviceMatrix of the hot rows
+    cold_cap: int = 256              # cold ids copied back with the counts (grows when exceeded)
+
+
+class DeviceLayers:
+    def __init__(self, model: Model, dev: Device, layers: list[int], predictors: set[int], output: bool,
+                 hot_rows: dict[int, tuple] | None = None, stream=None):
+        self.model, self.dev, self.stream = model, dev, stream
+        cfg = model.config
+        self.cfg = cfg
+        self.layers: dict[int, _Layer] = {}
+        kv_shape = (model.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        hot_rows = hot_rows or {}
+        for li in layers:
+            lw = model.weights.layers[li]
+            L = _Layer(attn_norm=dev.to_device(lw.attn_norm.astype(np.float32)),
+                       ffn_norm=dev.to_device(lw.ffn_norm.astype(np.float32)),
+                       wq=dev.matrix(lw.wq), wk=dev.matrix(lw.wk), wv=dev.matrix(lw.wv), wo=dev.matrix(lw.wo),
+                       k=dev.zeros(kv_shape), v=dev.zeros(kv_shape))
+            if li in predictors and lw.fc1 is not None and model.mode == "sparse":
+                L.fc1, L.fc2 = dev.matrix(lw.fc1), dev.matrix(lw.fc2)
+            rows = hot_rows.get(li)
+            if rows is not None and rows[2] is not None:  # (local map, gate, up, down_t)
+                L.local = np.asarray(rows[0], np.int32)
+                L.part = dev.to_device(L.local)
+                L.n_local = int((L.local >= 0).sum())
+                L.hot = rows[1:]
+            self.layers[li] = L
+        w = model.weights
+        self.output = (dev.to_device(w.output_norm.astype(np.float32)), dev.matrix(w.output)) if output else None
+        self._bufs: dict[str, DeviceArray] = {}
+        self._ffi, self._lib = dev.ffi, dev.lib
+        self._st = dev.ffi.NULL if stream is None else dev.ffi.cast("void *", int(stream))
+
+    # ---- plumbing
+    def _buf(self, name: str, rows: int, width: int, dtype=np.float32) -> DeviceArray:
+        """Scratch [rows, width] (a view of a buffer that only grows)."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < rows or b.shape[1] != width:
+            b = self._bufs[name] = self.dev.empty((max(rows, 1), width), dtype)
+        return b.rows(0, rows)
+
+    def upload(self, x: np.ndarray) -> DeviceArray:
+        T = x.shape[0]
+        return self._buf("x", T, x.shape[1]).copy_from(np.ascontiguousarray(x, np.float32), self.stream)
+
+    def download(self, a: DeviceArray) -> np.ndarray:
+        return a.to_host(self.stream)
+
+    def _d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
+        native._check("pi_dev_memcpy_d2h", self._lib.pi_dev_memcpy_d2h(
+            self._ffi.from_buffer(dst), src.ptr(), dst.nbytes, self._st))
+
+    # ---- one layer
+    def attention(self, li: int, x: DeviceArray, pos0: int) -> None:
+        """x [T, n_embd] += attention block of layer li, for the tokens at positions pos0 .."""
+        cfg, dev, L, st = self.cfg, self.dev, self.layers[li], self.stream
+        T, d = x.shape[0], cfg.head_dim
+        h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
+        q = dev.gemm(L.wq, h, out=self._buf("q", T, cfg.n_head * d), stream=st)
+        k = L.k.rows(pos0, pos0 + T)
+        v = L.v.rows(pos0, pos0 + T)
+        dev.gemm(L.wk, h, out=k.reshape(T, cfg.n_head_kv * d), stream=st)
+        dev.gemm(L.wv, h, out=v.reshape(T, cfg.n_head_kv * d), stream=st)
+        dev.rope(q.reshape(T, cfg.n_head, d), pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
+        dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
+        att = dev.attention(q.reshape(T, cfg.n_head, d), L.k, L.v, pos0, out=self._buf("att", T, cfg.n_head * d),
+                            stream=st)
+        dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
+
+    def ffn(self, li: int, x: DeviceArray) -> None:
+        """x += the layer's FFN: hot partition on the device, cold on the CPU, one synchronisation."""
+        cfg, dev, L, st, f = self.cfg, self.dev, self.layers[li], self.stream, self.model.ffn[li]
+        T = x.shape[0]
+        lw = f.weights
+        ffn_in = dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=self._buf("f", T, cfg.n_embd), stream=st)
+        ffn_in_h = np.empty((T, cfg.n_embd), np.float32)
+        if lw.down_t is None:  # plain GGUF: the FFN on the CPU
+            x_h = np.empty_like(ffn_in_h)
+            self._d2h(x_h, x)
+            self._d2h(ffn_in_h, ffn_in)
+            dev.sync(st)
+            y = f(x_h, ffn_in_h)
+            dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
+            return
+        skip = f.threshold if f.mode == "threshold" else 0.0
+        if L.fc1 is not None:  # the predictor and the split on the device
+            logits = dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st)
+            hot_ids, cold_ids = self._buf("hot_ids", 1, cfg.n_ff, np.int32), self._buf("cold_ids", 1, cfg.n_ff, np.int32)
+            counts = self._buf("counts", 1, 2, np.int32)
+            dev.select(logits, f.threshold, L.part, L.n_local, hot_ids.reshape(cfg.n_ff), cold_ids.reshape(cfg.n_ff),
+                       counts.reshape(2), stream=st)
+            n = np.empty(2, np.int32)
+            cold = np.empty(min(L.cold_cap, cfg.n_ff), np.int32)
+            self._d2h(n, counts)
+            self._d2h(cold, cold_ids.reshape(cfg.n_ff).rows(0, cold.size))
+            self._d2h(ffn_in_h, ffn_in)
+            dev.sync(st)  # the layer's synchronisation
+            n_hot, n_cold = int(n[0]), int(n[1])
+            if n_cold > cold.size:  # more cold neurons than ever before: fetch the rest, remember the size
+                rest = np.empty(n_cold - cold.size, np.int32)
+                self._d2h(rest, cold_ids.reshape(cfg.n_ff).rows(cold.size, n_cold))
+                dev.sync(st)
+                cold = np.concatenate([cold, rest])
+                L.cold_cap = min(cfg.n_ff, 1 << int(2 * n_cold - 1).bit_length())
+            cold = cold[:n_cold]
+            hot_dev = hot_ids
+        else:  # the active set from the host
+            x_h = None
+            if f.mode == "sparse":
+                x_h = np.empty_like(ffn_in_h)
+                self._d2h(x_h, x)
+            self._d2h(ffn_in_h, ffn_in)
+            dev.sync(st)
+            idx = f.active_set(x_h)
+            in_hot = L.local[idx] >= 0 if L.local is not None else np.zeros(idx.size, bool)
+            hot_local, cold = L.local[idx[in_hot]] if in_hot.any() else np.zeros(0, np.int32), idx[~in_hot]
+            n_hot = hot_local.size
+            hot_dev = self._buf("hot_ids", 1, cfg.n_ff, np.int32)
+            if n_hot:
+                hot_dev.reshape(cfg.n_ff).rows(0, n_hot).copy_from(hot_local.astype(np.int32), st)
+        if n_hot:  # launched, not waited for: runs while the CPU computes the cold partition
+            gate, up, down_t = L.hot
+            native._check("pi_dev_sparse_ffn", self._lib.pi_dev_sparse_ffn(
+                gate._desc if gate is not None else self._ffi.NULL, up._desc, down_t._desc,
+                native.ACTIVATIONS[f.act], hot_dev.ptr("int32_t *"), n_hot, ffn_in.ptr("float *"), T,
+                x.ptr("float *"), 1, float(skip), self._st))
+        skipped = 0
+        if cold.size:
+            y = np.empty_like(ffn_in_h)
+            skipped = self.model.cold_executor.run(lw, f.act, np.ascontiguousarray(cold, np.int32), ffn_in_h, y,
+                                                   False, skip)
+            dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
+        f.stats.calls += 1
+        f.stats.listed += n_hot + cold.size
+        f.stats.computed += n_hot + cold.size - skipped
+        f.stats.hot_listed += n_hot
+
+    def logits(self, x: DeviceArray) -> np.ndarray:
+        """The output head on the device for the rows of x; the logits come back (a sync)."""
+        norm, W = self.output
+        T = x.shape[0]
+        h = self.dev.rmsnorm(x, norm, self.cfg.norm_eps, out=self._buf("h", T, self.cfg.n_embd), stream=self.stream)
+        return self.dev.gemm(W, h, out=self._buf("logits_out", T, W.rows), stream=self.stream).to_host(self.stream)
+
+    # ---- KV cache state (save_state / load_state)
+    def kv(self, li: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        L = self.layers[li]
+        return L.k.rows(0, n).to_host(self.stream), L.v.rows(0, n).to_host(self.stream)
+
+    def set_kv(self, li: int, k: np.ndarray, v: np.ndarray) -> None:
+        L, n = self.layers[li], k.shape[0]
+        L.k.rows(0, n).copy_from(np.ascontiguousarray(k, np.float32), self.stream)
+        L.v.rows(0, n).copy_from(np.ascontiguousarray(v, np.float32), self.stream)
+
+    def close(self) -> None:
+        self.layers.clear()
+        self._bufs.clear()
+        self.output = None
