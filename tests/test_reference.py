@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from pi_backend.model.numpy_reference import (TINY_RELU_NPZ, KVCache, ReferenceConfig, ReferenceWeights, forward,
+                                              load_tiny_relu, random_weights, rms_norm, tiny_relu_available)
 from pi_backend.tools.perplexity_ref import byte_windows, corpus_files, default_corpus_dir, evaluate, read_bytes
-from pi_backend.tools.reference import (TINY_RELU_NPZ, KVCache, ReferenceConfig, ReferenceWeights, forward,
-                                        load_tiny_relu, random_weights, rms_norm, tiny_relu_available)
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(TINY_RELU_NPZ), "train_tiny_relu.py")
 STATS_JSON = TINY_RELU_NPZ.replace(".npz", "_stats.json")

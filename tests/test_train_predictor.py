@@ -4,8 +4,9 @@ model end to end (recall, density and the perplexity cost of computing only pred
 import numpy as np
 import pytest
 
+from pi_backend.model.numpy_reference import (ReferenceConfig, forward, load_tiny_relu, random_weights,
+                                              tiny_relu_available)
 from pi_backend.tools.perplexity_ref import default_corpus_dir, predictor_experiment
-from pi_backend.tools.reference import ReferenceConfig, forward, load_tiny_relu, random_weights, tiny_relu_available
 from pi_backend.tools.train_predictor import (CalibrationData, LayerPredictor, PredictorSet, TrainOptions,
                                               calibrate_threshold, collect_calibration_data, fit_predictor,
                                               prediction_metrics, reference_collector, train_predictors)

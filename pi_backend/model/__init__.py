@@ -7,5 +7,6 @@ Modules (imported on demand; nothing here is imported eagerly):
 - config: `ModelConfig` from GGUF metadata, with tensor-shape validation.
 - activation_stats: PowerInfer's `activation_{i}.pt` files, read and written without torch.
 - vocab, factory, tiny_relu: tokenizer metadata, random fixture models, the tiny-relu conversion.
-- numpy_reference: a plain numpy forward pass, the yardstick for fixtures and engine tests.
+- numpy_reference: the plain numpy forward pass (KV cache, FFN masks, GGUF or llama2.c names), the
+  yardstick for fixtures, tools and engine tests.
 """

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from pi_backend.tools.reference import FfnMask, ReferenceConfig, ReferenceWeights, cross_entropy, forward
+from pi_backend.model.numpy_reference import FfnMask, ReferenceConfig, ReferenceWeights, cross_entropy, forward
 
 WINDOW = 128  # the tiny model's training context
 
@@ -156,7 +156,7 @@ def predictor_experiment(cfg: ReferenceConfig, w: ReferenceWeights, corpus: str,
 
 
 def main(argv=None):
-    from pi_backend.tools.reference import TINY_RELU_NPZ, load_tiny_relu
+    from pi_backend.model.numpy_reference import TINY_RELU_NPZ, load_tiny_relu
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=TINY_RELU_NPZ)

@@ -71,8 +71,8 @@ CollectFn = Callable[[np.ndarray], Sequence[tuple]]
 
 
 def reference_collector(cfg, weights, dtype=np.float32) -> CollectFn:
-    """collect_fn over the plain-numpy reference model (pi_backend.tools.reference)."""
-    from pi_backend.tools.reference import forward
+    """collect_fn over the plain-numpy reference model (pi_backend.model.numpy_reference)."""
+    from pi_backend.model.numpy_reference import forward
 
     def collect(tokens):
         _, internals = forward(cfg, weights, tokens, return_internals=True, dtype=dtype)
@@ -183,7 +183,7 @@ class PredictorSet:
         return self.layers[layer].predict(x)
 
     def ffn_mask(self) -> Callable:
-        """For reference.forward(ffn_mask=...): each layer computes only the predicted neurons, the
+        """For numpy_reference.forward(ffn_mask=...): each layer computes only the predicted neurons, the
         predictor reading the residual stream of the masked run itself (as a sparse engine would)."""
         def mask(layer, ffn_inp):
             p = self.layers[layer]
