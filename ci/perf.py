@@ -26,7 +26,8 @@ CI = pathlib.Path(__file__).resolve().parent
 ROOT = CI.parent
 BASELINES = CI / "baselines"
 SUITES = {"kernels": "bench_kernels", "engine": "bench_engine", "llamacpp": "bench_llamacpp",
-          "placement": "bench_placement", "gpu": "bench_gpu", "vllm": "bench_vllm"}
+          "placement": "bench_placement", "gpu": "bench_gpu", "gpu_model": "bench_gpu_model",
+          "vllm": "bench_vllm"}
 
 
 def run_suite(module: str, extra: list[str]) -> dict:
