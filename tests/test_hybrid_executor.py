@@ -318,6 +318,14 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
         "np.save(sys.argv[2] + '/dev.npy', np.concatenate(out))\n"
         "np.save(sys.argv[2] + '/gen.npy', np.array(m.generate(" + repr(BYTE_TOKENS) + ", max_tokens=3).tokens))\n"
         "assert all(f.stats.hot_listed > 0 for f in m.ffn)\n"
+        "# one synchronisation per offloaded layer, plus the logits' copy back\n"
+        "from pi_backend.native.device import Device\n"
+        "syncs, sync = [], Device.sync\n"
+        "Device.sync = lambda self, stream=None: (syncs.append(1), sync(self, stream))[1]\n"
+        "m.forward([5])\n"
+        "syncs.clear()\n"
+        "m.forward([6])\n"
+        "assert len(syncs) == 2 + 1, syncs\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
     ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode)
