@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pi_backend.model.config import FFN_ACTIVATIONS
+
 DATA = Path(__file__).resolve().parent / "data"
 BUILTIN_MODELS = ("tiny-relu.powerinfer.gguf", "tiny-relu.gguf")
 DEFAULT_PROMPT = "The Python interpreter"
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("sparse", "dense", "oracle", "threshold"),
                    help="FFN mode (default: sparse with a predictor, oracle for ReLU files without, else dense)")
     g.add_argument("--threshold", type=float, help="override the predictor / threshold-mode cut for every layer")
-    g.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"),
+    g.add_argument("--ffn-act", choices=FFN_ACTIVATIONS,
                    help="FFN activation, for dense ReLU GGUFs whose metadata does not say (PowerInfer's convert-dense.py)")
     g.add_argument("--vram-budget", type=float,
                    help="GiB of GPU memory for dense blocks and hot neurons (default on a GPU: free VRAM - 256 MiB; "
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="the native library and, with -m, a model's configuration")
     i.add_argument("-m", "--model")
-    i.add_argument("--ffn-act", choices=("reglu", "drelu", "relu", "swiglu"))
+    i.add_argument("--ffn-act", choices=FFN_ACTIVATIONS)
     i.set_defaults(func=cmd_info)
 
     for name, (_, help_text) in TOOLS.items():  # listed in --help; main() hands them their arguments

@@ -1,11 +1,12 @@
-"""The falcon architecture (Falcon-ReLU as PowerInfer serves it) against two independent references:
+"""The falcon architecture (stock Falcon with GELU, Falcon-ReLU as PowerInfer serves it) against two
+independent references:
 
-* a numpy falcon written here (LayerNorm with bias, fused q|k|v, NeoX RoPE, parallel attention + ReLU
-  FFN, multi-query / grouped attention), on the whole model;
-* llama.cpp on the same GGUF file. llama.cpp runs falcon's FFN with GELU, so the file given to it has
-  W_down = 0: both FFNs then contribute exactly nothing, whatever the activation, and what remains
-  (embedding, LayerNorms with bias, the fused QKV split, NeoX RoPE, attention, output norm, output)
-  must match. Also with Falcon-40B's attn_norm_2, to pin which branch reads which norm.
+* a numpy falcon written here (LayerNorm with bias, fused q|k|v, NeoX RoPE, parallel attention + FFN,
+  multi-query / grouped attention), on the whole model, with GELU and with ReLU;
+* llama.cpp on the same GGUF file: once with W_down = 0, so that both FFNs contribute exactly nothing
+  and what remains (embedding, LayerNorms with bias, the fused QKV split, NeoX RoPE, attention, output
+  norm, output) must match, also with Falcon-40B's attn_norm_2 to pin which branch reads which norm;
+  then the whole model with the FFN live (GELU, as llama.cpp computes falcon).
 """
 from __future__ import annotations
 
@@ -79,7 +80,15 @@ def _rope_neox(x, pos):  # x [T, H, d]: rotate (x[i], x[i + d/2]) by pos * base^
     return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], -1)
 
 
-def numpy_falcon(w, tokens, n_head_kv, act=lambda u: np.maximum(u, 0)):
+def relu(u):
+    return np.maximum(u, 0)
+
+
+def gelu_tanh(u):  # ggml_gelu's formula
+    return 0.5 * u * (1 + np.tanh(0.7978845608028654 * (u + 0.044715 * u ** 3)))
+
+
+def numpy_falcon(w, tokens, n_head_kv, act=relu):
     W = {k: v.astype(np.float64) for k, v in w.items()}
     T, hd = len(tokens), N_EMBD // N_HEAD
     pos = np.arange(T, dtype=np.float64)
@@ -109,12 +118,15 @@ def numpy_falcon(w, tokens, n_head_kv, act=lambda u: np.maximum(u, 0)):
 
 @pytest.mark.parametrize("n_head_kv", [1, 2, 4])
 @pytest.mark.parametrize("norm_2", [False, True])
-def test_falcon_matches_numpy_reference(tmp_path, n_head_kv, norm_2):
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_falcon_matches_numpy_reference(tmp_path, n_head_kv, norm_2, act):
+    """A plain falcon GGUF is stock Falcon (GELU, as llama.cpp runs it); ffn_act='relu' makes it
+    Falcon-ReLU (for PowerInfer's convert-dense files)."""
     path, w = write_falcon(tmp_path / "falcon.gguf", n_head_kv, norm_2=norm_2)
-    ref = numpy_falcon(w, TOKENS, n_head_kv)
-    for mode in ("dense", "oracle"):
-        model = pi_backend.load(path, mode=mode, n_ctx=64)
-        assert model.config.ffn_act == "relu" and model.weights.layers[0].gate is None
+    ref = numpy_falcon(w, TOKENS, n_head_kv, act=gelu_tanh if act == "gelu" else relu)
+    for mode in ("dense", "oracle") if act == "relu" else ("dense",):
+        model = pi_backend.load(path, mode=mode, n_ctx=64, ffn_act=None if act == "gelu" else "relu")
+        assert model.config.ffn_act == act and model.weights.layers[0].gate is None
         ours = model.forward(TOKENS, all_logits=True)
         err = np.abs(ours - ref).max() / ref.std()
         assert err < 1e-4, f"{mode}: max |diff| / std = {err:.2e}"
@@ -157,7 +169,7 @@ def test_falcon_powerinfer_sparse_matches_dense_where_predictor_lists_all(tmp_pa
     model.close()
 
 
-# ---- llama.cpp on the same file (FFN silenced: llama.cpp's falcon FFN is GELU)
+# ---- llama.cpp on the same file: the attention path alone (FFN silenced), then the whole model
 @pytest.mark.parametrize("n_head_kv,norm_2", [(1, False), (2, False), (2, True)])
 def test_falcon_attention_path_matches_llama_cpp(tmp_path, n_head_kv, norm_2):
     from tests import llama_ref
@@ -176,15 +188,23 @@ def test_falcon_attention_path_matches_llama_cpp(tmp_path, n_head_kv, norm_2):
     model.close()
 
 
-def test_falcon_full_model_runs_in_llama_cpp_with_gelu(tmp_path):
-    """With a live FFN, llama.cpp (GELU) and the numpy reference run with GELU agree: the FFN tensors'
-    layout (ffn_up [n_ff, n_embd], ffn_down [n_embd, n_ff]) is what llama.cpp reads."""
+@pytest.mark.parametrize("n_head_kv", [1, 2])
+def test_falcon_full_model_matches_llama_cpp(tmp_path, n_head_kv):
+    """The whole stock-Falcon model, FFN live (GELU): pi_backend, llama.cpp and the numpy reference
+    (exact-erf GELU, independent of both) on the same file."""
     from math import erf
 
     from tests import llama_ref
 
-    path, w = write_falcon(tmp_path / "falcon.gguf", 1)
+    path, w = write_falcon(tmp_path / "falcon.gguf", n_head_kv)
     gelu = np.vectorize(lambda u: 0.5 * u * (1 + erf(u / np.sqrt(2))))
     ref = llama_ref.llama_logits(path, TOKENS)
-    err = np.abs(numpy_falcon(w, TOKENS, 1, act=gelu) - ref).max() / ref.std()
+    err = np.abs(numpy_falcon(w, TOKENS, n_head_kv, act=gelu) - ref).max() / ref.std()
     assert err < 1e-2, f"max |diff| / std = {err:.2e}"  # ggml's GELU is a tanh/table approximation
+    model = pi_backend.load(path, n_ctx=64)
+    assert model.config.ffn_act == "gelu" and model.mode == "dense"
+    ours = model.forward(TOKENS, all_logits=True)
+    # as the attention-path test: llama.cpp's f16 K/V (and here its f16 GELU table) dominate
+    err = np.abs(ours - ref).max() / ref.std()
+    assert err < 1.5e-2, f"max |diff| / std = {err:.2e}"
+    model.close()

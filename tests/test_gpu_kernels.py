@@ -26,7 +26,8 @@ from tests.native_helpers import ALL_TYPES, assert_close, make_matrix
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLOAT_TYPES = (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16)
-ACTS = ("reglu", "drelu", "relu", "swiglu", "geglu")
+ACTS = ("reglu", "drelu", "relu", "swiglu", "geglu", "gelu")
+UNGATED = native.UNGATED_ACTIVATIONS
 TNAME = native.TYPE_NAMES
 
 
@@ -68,7 +69,7 @@ def layer(rng, wtype, n_ff, n_embd, scale=0.1):
 def act_np(act: str, g: np.ndarray) -> np.ndarray:
     if act == "swiglu":
         return g / (1.0 + np.exp(-g))
-    if act == "geglu":
+    if act in ("geglu", "gelu"):
         return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g ** 3)))
     return np.maximum(g, 0.0)
 
@@ -76,10 +77,10 @@ def act_np(act: str, g: np.ndarray) -> np.ndarray:
 def ffn_hidden(gate, up, x, idx, act, thr):
     """h [n_tok, n_idx] as pi_sparse_ffn defines it (float64)"""
     x = x.astype(np.float64)
-    first = up if act == "relu" else gate
+    first = up if act in UNGATED else gate
     a = act_np(act, x @ first[idx].T.astype(np.float64))
     a[np.abs(a) <= thr] = 0.0
-    if act != "relu":
+    if act not in UNGATED:
         u = x @ up[idx].T.astype(np.float64)
         if act == "drelu":
             u = np.maximum(u, 0.0)
@@ -187,12 +188,12 @@ def test_sparse_ffn(dev, wtype, act):
     (g, gr), (u, ur), (d, dr) = layer(rng, wtype, n_ff, n_embd)
     idx = np.sort(rng.choice(n_ff, 40, replace=False)).astype(np.int32)
     x = rng.standard_normal((2, n_embd)).astype(np.float32)
-    y = dev.sparse_ffn(None if act == "relu" else dev.matrix(g), dev.matrix(u), dev.matrix(d),
+    y = dev.sparse_ffn(None if act in UNGATED else dev.matrix(g), dev.matrix(u), dev.matrix(d),
                        dev.to_device(x), dev.to_device(idx), act=act).to_host()
     assert_close(y, ffn_hidden(gr, ur, x, idx, act, 0.0) @ dr[idx].astype(np.float64))
 
 
-@pytest.mark.parametrize("act", ["reglu", "swiglu", "relu"])
+@pytest.mark.parametrize("act", ["reglu", "swiglu", "relu", "gelu"])
 @pytest.mark.parametrize("n_tok", [1, 4, 11])
 def test_sparse_ffn_threshold_accumulate(dev, act, n_tok):
     rng = np.random.default_rng(60 + n_tok)
@@ -200,11 +201,11 @@ def test_sparse_ffn_threshold_accumulate(dev, act, n_tok):
     (g, gr), (u, ur), (d, dr) = layer(rng, native.TYPE_F16, n_ff, n_embd)
     idx = rng.permutation(n_ff)[:50].astype(np.int32)  # unsorted set
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
-    first = ur if act == "relu" else gr
+    first = ur if act in UNGATED else gr
     thr = safe_threshold(act_np(act, x.astype(np.float64) @ first[idx].T.astype(np.float64)))
     y0 = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     y = dev.to_device(y0)
-    dev.sparse_ffn(None if act == "relu" else dev.matrix(g), dev.matrix(u), dev.matrix(d), dev.to_device(x),
+    dev.sparse_ffn(None if act in UNGATED else dev.matrix(g), dev.matrix(u), dev.matrix(d), dev.to_device(x),
                    dev.to_device(idx), act=act, out=y, accumulate=True, skip_threshold=thr)
     h = ffn_hidden(gr, ur, x, idx, act, thr)
     assert (h == 0).any() and (h != 0).any()

@@ -273,7 +273,7 @@ def _falcon_file(path: Path, *, qkv_rows: int = 3 * 32) -> Path:
 
 def test_falcon_config(tmp_path):
     config = load_config(_falcon_file(tmp_path / "falcon.gguf"))
-    assert (config.arch, config.ffn_act, config.ffn_act_source, config.n_ff) == ("falcon", "relu", "arch-default", 128)
+    assert (config.arch, config.ffn_act, config.ffn_act_source, config.n_ff) == ("falcon", "gelu", "arch-default", 128)  # stock Falcon
     assert config.norm_eps == pytest.approx(1e-5) and not config.is_gated
     with pytest.raises(GGUFError, match="does not fit arch 'falcon'"):
         load_config(tmp_path / "falcon.gguf", ffn_act="reglu")

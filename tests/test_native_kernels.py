@@ -57,8 +57,8 @@ def ffn_reference(act, g_ref, u_ref, d_ref, x, idx, wtype=native.TYPE_F32):
     rows of `wtype` do (act_ref), the down projection takes h unquantized."""
     x64 = act_ref(x, wtype)
     u = x64 @ u_ref[idx].T.astype(np.float64)
-    if act == "relu":
-        h = relu(u)
+    if act in ("relu", "gelu"):  # ungated
+        h = relu(u) if act == "relu" else gelu_tanh(u)
     else:
         g = x64 @ g_ref[idx].T.astype(np.float64)
         a = {"reglu": relu, "drelu": relu, "swiglu": silu, "geglu": gelu_tanh}[act](g)
@@ -177,7 +177,7 @@ def test_sparse_axpy_accumulates_rows(isa, wtype, n_tok, cols):
 
 
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
-@pytest.mark.parametrize("act", ["reglu", "drelu", "relu", "swiglu", "geglu"])
+@pytest.mark.parametrize("act", ["reglu", "drelu", "relu", "swiglu", "geglu", "gelu"])
 @pytest.mark.parametrize("n_tok", [1, 6])
 def test_sparse_ffn_matches_dense_reference(isa, wtype, act, n_tok):
     rng = np.random.default_rng(11 + n_tok)
@@ -186,7 +186,7 @@ def test_sparse_ffn_matches_dense_reference(isa, wtype, act, n_tok):
     up, u_ref = make_matrix(rng, n_ff, n_embd, wtype, 0.2)
     down, d_ref = make_matrix(rng, n_ff, n_embd, wtype, 0.2)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
-    g = None if act == "relu" else gate
+    g = None if act in native.UNGATED_ACTIVATIONS else gate
     for idx in (np.arange(n_ff, dtype=np.int32), np.sort(rng.choice(n_ff, 40, replace=False)).astype(np.int32),
                 np.array([200, 3, 77], np.int32)):
         y = native.sparse_ffn(g, up, down, x, idx, act=act)

@@ -12,7 +12,8 @@ What differs from llama (llama.cpp's falcon graph):
     grouped HF layout ([q.. k v] per kv group) into q | k | v, and llama.cpp's graph splits it the same way.
     We take q, k and v as zero-copy row ranges of the one tensor.
   * NeoX-style RoPE (rotate the two halves of each head, not interleaved pairs).
-  * FFN: relu(up x) then down, no gate (act "relu"); the PowerInfer predictor reads the layer input.
+  * FFN: act(up x) then down, no gate: relu (Falcon-ReLU, and PowerInfer files by default) or gelu
+    (stock Falcon, as llama.cpp computes it); the PowerInfer predictor reads the layer input.
   * Final LayerNorm with bias, then `output` (or tied `token_embd`).
 """
 from __future__ import annotations

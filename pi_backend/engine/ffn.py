@@ -117,12 +117,13 @@ class SparseFFN:
         [n_embd, n_ff], whose columns cannot be read sparsely: the down projection is then a dense
         GEMV over the scattered activations (PowerInfer GGUF stores ffn_down_t for a sparse one)."""
         w, n_threads = self.weights, self._threads
+        ungated = self.act in native.UNGATED_ACTIVATIONS
         u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
-        g = u if self.act == "relu" else native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
-        a = g / (1 + np.exp(-g)) if self.act == "swiglu" else np.maximum(g, 0)
+        g = u if ungated else native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
+        a = _activation(self.act, g)
         if self.mode == "threshold":  # the kernel's cut: |act(gate)| <= threshold contributes nothing
             a[np.abs(a) <= self.threshold] = 0
-        if self.act == "relu":
+        if ungated:
             h = a
         else:
             h = a * (np.maximum(u, 0) if self.act == "drelu" else u)
@@ -135,3 +136,12 @@ class SparseFFN:
             full[..., idx] = h
             native.gemm(w.down, full, out=y, n_threads=n_threads)
         return idx.size  # every listed neuron's gate and up rows were read
+
+
+def _activation(act: str, g: np.ndarray) -> np.ndarray:
+    """The kernels' activation of the gate (or of up, ungated), in numpy: an independent path."""
+    if act == "swiglu":
+        return g / (1 + np.exp(-g))
+    if act in ("gelu", "geglu"):  # the tanh approximation, as llama.cpp's ggml_gelu
+        return 0.5 * g * (1 + np.tanh(np.float32(0.7978845608) * (g + np.float32(0.044715) * g * g * g)))
+    return np.maximum(g, 0)

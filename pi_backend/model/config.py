@@ -13,7 +13,7 @@ __all__ = ["ModelConfig", "FFN_ACTIVATIONS", "SUPPORTED_ARCHS", "FFN_ACT_KEY", "
 
 # reglu: relu(gate)*up (ReluLLaMA, ProSparse); drelu: relu(gate)*relu(up) (Bamboo/TurboSparse);
 # relu: relu(up), no gate (ReluFalcon); swiglu: silu(gate)*up (stock LLaMA: dense, not sparse).
-FFN_ACTIVATIONS = ("reglu", "drelu", "relu", "swiglu")
+FFN_ACTIVATIONS = ("reglu", "drelu", "relu", "swiglu", "gelu")
 GATED_ACTIVATIONS = ("reglu", "drelu", "swiglu")
 SUPPORTED_ARCHS = ("llama", "bamboo", "falcon")
 FFN_ACT_KEY = "pi_backend.ffn_act"  # our own key: dense ReLU files otherwise look like SiLU llama
@@ -190,14 +190,16 @@ def _ffn_activation(gguf: GGUFFile, arch: str, override: str | None) -> tuple[st
     elif FFN_ACT_KEY in gguf.metadata:
         act, source = gguf.metadata[FFN_ACT_KEY], "metadata"
     else:
-        # PowerInfer runs llama-arch PWRI files with ReLU on the gate; stock llama is SiLU.
-        defaults = {"llama": "reglu" if gguf.is_powerinfer else "swiglu", "bamboo": "drelu", "falcon": "relu"}
+        # PowerInfer runs llama-arch PWRI files with ReLU on the gate (falcon ones with ReLU, Falcon-ReLU);
+        # stock llama is SiLU and stock falcon GELU, as llama.cpp computes them.
+        pwri = gguf.is_powerinfer
+        defaults = {"llama": "reglu" if pwri else "swiglu", "bamboo": "drelu", "falcon": "relu" if pwri else "gelu"}
         act, source = defaults[arch], "arch-default"
     if act not in FFN_ACTIVATIONS:
         raise GGUFError(gguf.path, f"unknown FFN activation {act!r} ({source}); choose from {', '.join(FFN_ACTIVATIONS)}")
     gated_arch = arch != "falcon"
     if gated_arch != (act in GATED_ACTIVATIONS):
-        expected = "a gated one (" + ", ".join(GATED_ACTIVATIONS) + ")" if gated_arch else "'relu'"
+        expected = "a gated one (" + ", ".join(GATED_ACTIVATIONS) + ")" if gated_arch else "'relu' or 'gelu'"
         raise GGUFError(gguf.path, f"FFN activation {act!r} ({source}) does not fit arch {arch!r}: expected {expected}")
     return act, source
 

@@ -23,7 +23,9 @@ ACTIVATIONS = {
     "relu": lib.PI_ACT_RELU,
     "swiglu": lib.PI_ACT_SWIGLU,
     "geglu": lib.PI_ACT_GEGLU,
+    "gelu": lib.PI_ACT_GELU,
 }
+UNGATED_ACTIVATIONS = ("relu", "gelu")  # h = act(up . x): no gate matrix
 ISAS = {"scalar": lib.PI_ISA_SCALAR, "avx2": lib.PI_ISA_AVX2, "avx512": lib.PI_ISA_AVX512}
 BLOCK_SIZE = {TYPE_Q8_0: lib.PI_QK8_0, TYPE_Q4_0: lib.PI_QK4_0}
 # the numpy dtype a plain (unquantized) type is viewed as
@@ -263,16 +265,16 @@ def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, i
                skip_threshold: float = 0.0, n_threads: int = 0, return_skipped: bool = False):
     """One layer's FFN over the neurons in idx (a set), with no n_ff-sized intermediate.
 
-    act: reglu | drelu | relu (no gate: pass gate=None) | swiglu | geglu. Neurons whose activation is
+    act: reglu | drelu | swiglu | geglu, or the ungated relu | gelu (pass gate=None). Neurons whose activation is
     <= skip_threshold in magnitude for every token are skipped and their up/down rows never read.
     Returns y [n_tok, n_embd] (and the number of skipped neurons if return_skipped).
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
     up, down_t = _matrix(up, "up"), _matrix(down_t, "down_t")
-    if act == "relu":
+    if act in UNGATED_ACTIVATIONS:
         if gate is not None:
-            raise ValueError("gate: must be None for act='relu' (no gate)")
+            raise ValueError(f"gate: must be None for act={act!r} (no gate)")
     else:
         gate = _matrix(gate, "gate")
         if (gate.rows, gate.cols) != (up.rows, up.cols):

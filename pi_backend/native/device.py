@@ -335,9 +335,9 @@ class Device:
         if act not in _ACT_NAMES:
             raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(_ACT_NAMES)}")
         up, down_t = self._mat(up, "up"), self._mat(down_t, "down_t")
-        if act == "relu":
+        if act in native.UNGATED_ACTIVATIONS:
             if gate is not None:
-                raise ValueError("gate: must be None for act='relu' (no gate)")
+                raise ValueError(f"gate: must be None for act={act!r} (no gate)")
         else:
             gate = self._mat(gate, "gate")
             if (gate.rows, gate.cols) != (up.rows, up.cols):

@@ -478,15 +478,16 @@ int pi_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx, 
 static inline float act_gate(int32_t act, float g) {
     switch (act) {
     case PI_ACT_SWIGLU: return g / (1.0f + expf(-g));
-    case PI_ACT_GEGLU: return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+    case PI_ACT_GEGLU:
+    case PI_ACT_GELU: return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
     default: return g > 0.0f ? g : 0.0f; /* ReGLU, dReLU, ReLU */
     }
 }
 
 typedef struct {
     const pi_kernel_table *k;
-    const pi_matrix *first;   /* gate, or up for PI_ACT_RELU */
-    const pi_matrix *up;      /* NULL for PI_ACT_RELU */
+    const pi_matrix *first;   /* gate, or up for the ungated PI_ACT_RELU / PI_ACT_GELU */
+    const pi_matrix *up;      /* NULL when ungated */
     int32_t act;
     const int32_t *idx;
     int64_t n_idx;
@@ -563,8 +564,8 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
                   const int32_t *idx, int64_t n_idx, const float *x, int64_t n_tok, float *y, int32_t accumulate,
                   float skip_threshold, int64_t *n_skipped, int n_threads) {
     int rc;
-    if (act < PI_ACT_REGLU || act > PI_ACT_GEGLU) return PI_ERR_TYPE;
-    const int gated = act != PI_ACT_RELU;
+    if (act < PI_ACT_REGLU || act > PI_ACT_GELU) return PI_ERR_TYPE;
+    const int gated = act != PI_ACT_RELU && act != PI_ACT_GELU;
     if ((rc = check_matrix(up)) || (rc = check_matrix(down_t))) return rc;
     if (gated && (rc = check_matrix(gate))) return rc;
     if ((rc = check_tokens(x, n_tok, y))) return rc;

@@ -73,7 +73,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float act_gate(int act, float g) {
     switch (act) {
     case PI_ACT_SWIGLU: return g / (1.0f + expf(-g));
-    case PI_ACT_GEGLU: return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+    case PI_ACT_GEGLU:
+    case PI_ACT_GELU: return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
     default: return g > 0.0f ? g : 0.0f; /* ReGLU, dReLU, ReLU */
     }
 }
@@ -1032,8 +1033,8 @@ PI_EXPORT int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, cons
                                 const int32_t *idx, int64_t n_idx, const float *x, int64_t n_tok, float *y,
                                 int32_t accumulate, float skip_threshold, void *stream) {
     int rc;
-    if (act < PI_ACT_REGLU || act > PI_ACT_GEGLU) return PI_ERR_TYPE;
-    const bool gated = act != PI_ACT_RELU;
+    if (act < PI_ACT_REGLU || act > PI_ACT_GELU) return PI_ERR_TYPE;
+    const bool gated = act != PI_ACT_RELU && act != PI_ACT_GELU;
     if ((rc = check_matrix(up)) || (rc = check_matrix(down_t))) return rc;
     if (gated && (rc = check_matrix(gate))) return rc;
     if ((rc = check_tokens(x, n_tok, y))) return rc;

@@ -47,6 +47,7 @@ extern "C" {
 #define PI_ACT_RELU 2    /* h = relu(up.x), no gate          Falcon-ReLU, OPT */
 #define PI_ACT_SWIGLU 3  /* h = silu(gate.x) * (up.x)        LLaMA/Mistral (dense or threshold) */
 #define PI_ACT_GEGLU 4   /* h = gelu_tanh(gate.x) * (up.x) */
+#define PI_ACT_GELU 5    /* h = gelu_tanh(up.x), no gate     Falcon (stock), GPT-style MLPs */
 
 /* instruction-set variants of the CPU kernels */
 #define PI_ISA_SCALAR 0
@@ -109,7 +110,8 @@ int pi_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
 
 /* One layer's FFN over the neurons in idx (a set: duplicates are refused), without an n_ff-sized
  * intermediate: for each neuron i in idx and token t
- *   a = act(gate[i] . x[t]) (or up[i] . x[t] for PI_ACT_RELU, gate may be NULL), h = a * up-part,
+ *   a = act(gate[i] . x[t]) (or up[i] . x[t] for the ungated PI_ACT_RELU / PI_ACT_GELU, gate may be
+ *   NULL), h = a * up-part,
  *   y[t] += h * down_t[i]
  * Neurons whose |h| <= skip_threshold for every token are skipped: their remaining rows are never
  * read (exact zeros for ReLU models; the TEAL/CATS cut for SiLU models when > 0).
