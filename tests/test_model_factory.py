@@ -248,10 +248,11 @@ def test_ffn_activation_sources(tmp_path):
     assert (pwri.config.ffn_act, pwri.config.ffn_act_source) == ("reglu", "arch-default")
     bamboo = write_llama_model(tmp_path / "d.gguf", arch="bamboo", ffn_act="drelu", record_ffn_act=False, **SMALL)
     assert (bamboo.config.arch, bamboo.config.ffn_act, bamboo.config.ffn_act_source) == ("bamboo", "drelu", "arch-default")
-    with pytest.raises(GGUFError, match="unknown FFN activation 'gelu'"):
-        load_config(dense.path, ffn_act="gelu")
-    with pytest.raises(GGUFError, match="does not fit arch 'llama'"):
-        load_config(dense.path, ffn_act="relu")
+    with pytest.raises(GGUFError, match="unknown FFN activation 'silu'"):
+        load_config(dense.path, ffn_act="silu")
+    for ungated in ("relu", "gelu"):
+        with pytest.raises(GGUFError, match="does not fit arch 'llama'"):
+            load_config(dense.path, ffn_act=ungated)
 
 
 def _falcon_file(path: Path, *, qkv_rows: int = 3 * 32) -> Path:
