@@ -38,6 +38,8 @@ def cmd_generate(args) -> int:
     model = load(path, **_engine_options(args))
     for message in getattr(model.placement, "messages", None) or []:
         print(f"[pi-backend] placement: {message}", file=sys.stderr)
+    if model.placement is not None and model.use_gpu:
+        print(f"[pi-backend] GPU: {_gpu_summary(model)}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -57,6 +59,20 @@ def cmd_generate(args) -> int:
           f"[pi-backend] FFN sparsity {1 - res.ffn_computed_fraction:.1%} of neurons not computed "
           f"(predicted/listed {res.ffn_listed_fraction:.1%}); per layer: {layers}", file=sys.stderr)
     return 0
+
+
+def _gpu_summary(model) -> str:
+    p, dl = model.placement, model.device_layers
+    parts = []
+    if dl is not None:
+        parts.append(f"dense blocks + KV cache of {len(dl.layers)}/{model.config.n_layer} layers"
+                     + (", output head" if dl.output is not None else ""))
+    else:
+        parts.append("dense blocks on the CPU")
+    if p.has_split:
+        parts.append(f"hot neurons {p.hot_counts.sum() / (p.n_layer * p.n_ff):.1%} of the FFN")
+    parts.append(f"{p.total_bytes / (1 << 20):.0f} MiB placed of a {p.budget_bytes / (1 << 20):.0f} MiB budget")
+    return "; ".join(parts)
 
 
 def cmd_info(args) -> int:
