@@ -338,23 +338,38 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
     assert np.load(tmp_path / "gen.npy").tolist() == ref_model.generate(BYTE_TOKENS, max_tokens=3).tokens
 
 
-def test_dense_offload_needs_the_kv_cache_on_the_device(model, emu_device, tmp_path):
-    """A budget too small for the KV cache beside the dense blocks: the dense part stays on the CPU (no
-    half-offloaded attention over a host cache), with a message saying why."""
+@pytest.mark.parametrize("cut", ["kv_cache", "attn.1"])
+def test_partial_dense_offload(byte_model, emu_device, tmp_path, cut):
+    """Budgets in PowerInfer's priority order that stop early. "kv_cache": every dense block but the KV
+    cache, which stays on the host (attention computed there: a second sync per layer); "attn.1": only
+    layer 0's attention fits, so the residual comes back to the CPU for layer 1 and the head. The
+    budget left goes to hot neurons. Same logits as the CPU engine either way."""
     script = (
         "import sys, numpy as np, pi_backend\n"
-        "from pi_backend.placement import CostModel\n"
+        "from pi_backend.placement import CostModel, ModelSizes\n"
         "from pi_backend.model.gguf_file import GGUFFile\n"
         "from pi_backend.model.config import ModelConfig\n"
-        "from pi_backend.placement import ModelSizes\n"
         "g = GGUFFile.open(sys.argv[1])\n"
-        "cfg = ModelConfig.from_gguf(g)\n"
-        "sizes = ModelSizes.from_gguf(g, cfg, n_ctx=min(256, cfg.n_ctx_train or 256))  # the engine's n_ctx\n"
-        "kv = sum(b.nbytes for b in sizes.dense if b.kind == 'kv_cache')\n"
-        "budget = (sizes.dense_bytes - kv // 2) / 2**30  # every dense block but half the KV cache\n"
-        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=budget, n_ctx=256,\n"
+        "sizes = ModelSizes.from_gguf(g, ModelConfig.from_gguf(g), n_ctx=64)\n"
+        "names = [b.name for b in sizes.dense]\n"
+        f"budget = sum(b.nbytes for b in sizes.dense[: names.index({cut!r})]) + 1000\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=budget / 2**30, n_ctx=64,\n"
         "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
-        "assert 'kv_cache' not in m.placement.dense_gpu and m.device_layers is None, m.placement.dense_gpu\n"
-        "assert 'output' in m.placement.dense_gpu and any('cannot hold' in t or 'KV cache' in t for t in m.placement.messages)\n"
+        "dl, placed = m.device_layers, m.placement.dense_gpu\n"
+        f"assert {cut!r} not in placed and dl is not None, placed\n"
+        f"assert sorted(dl.layers) == ([0, 1] if {cut!r} == 'kv_cache' else [0]), placed\n"
+        "assert all(L.k is None for L in dl.layers.values()) and dl.device_kv_layers() == []\n"
+        "from pi_backend.native.device import Device\n"
+        "syncs, sync = [], Device.sync\n"
+        "Device.sync = lambda self, stream=None: (syncs.append(1), sync(self, stream))[1]\n"
+        "out = [m.forward(" + repr(BYTE_TOKENS) + ", all_logits=True)]\n"
+        "syncs.clear()\n"
+        "out += [m.forward([t]) for t in (13, 29)]\n"
+        "n_dev = len(dl.layers)\n"
+        "assert len(syncs) == 2 * (2 * n_dev + 1), (syncs, n_dev)  # per step: 2 per layer + the copy back\n"
+        "np.save(sys.argv[2] + '/dev.npy', np.concatenate(out))\n"
     )
-    _run_on_emulated_device(emu_device, tmp_path, model.path, script)
+    _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64)
+    ref = np.concatenate([ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)])
+    np.testing.assert_allclose(np.load(tmp_path / "dev.npy"), ref, rtol=0, atol=1e-4 * np.abs(ref).max())

@@ -13,6 +13,10 @@ the next. Per layer and step:
              residual) while the CPU pool computes the cold partition; the cold partial sum is copied
              up and added on the stream, with no wait.
 
+When the KV cache did not fit (the placement puts it last, as PowerInfer), an offloaded layer keeps its
+cache on the host: Q, K and V come back after RoPE, the attention runs on the CPU and its output goes
+up again for Wo -- a second synchronisation per layer, the price of a model whose cache is larger than
+what is left of the VRAM (llama.cpp also computes attention where the cache is).
 The output head runs on the device too when it is placed there and the last layer is offloaded; then
 only the logits come back. Layers not offloaded run on the CPU as before (the residual crosses over
 once at each boundary). Without a device predictor (sparse mode whose predictor did not fit), or in the
@@ -36,18 +40,15 @@ if TYPE_CHECKING:
 __all__ = ["DeviceLayers", "offloaded_layers"]
 
 
-def offloaded_layers(placed: set[str] | tuple[str, ...], n_layer: int) -> tuple[list[int], set[int], bool]:
-    """From a placement's dense_gpu: (layers whose dense part runs on the device, those with a device
-    predictor, whether the output head does). A layer runs there only with its attention weights, the
-    norms and the KV cache (attention over a host cache would cost a round trip per layer); the
-    solver's priority order places the KV cache last, so this is all of them or none."""
+def offloaded_layers(placed: set[str] | tuple[str, ...], n_layer: int) -> tuple[list[int], set[int], bool, bool]:
+    """From a placement's dense_gpu: (layers whose attention block runs on the device, those with a
+    device predictor, whether the output head does, whether the KV cache lives there). The norm vectors
+    of offloaded layers go with them (2 n_embd floats a layer, next to megabytes of attention)."""
     placed = set(placed)
-    if "kv_cache" not in placed or "norms" not in placed:
-        return [], set(), False
     layers = [i for i in range(n_layer) if f"attn.{i}" in placed]
     preds = {i for i in layers if f"pred.{i}" in placed}
     output = "output" in placed and bool(layers) and layers[-1] == n_layer - 1
-    return layers, preds, output
+    return layers, preds, output, "kv_cache" in placed
 
 
 @dataclass
@@ -58,8 +59,8 @@ class _Layer:
     wk: DeviceMatrix
     wv: DeviceMatrix
     wo: DeviceMatrix
-    k: DeviceArray                  # KV cache [n_ctx, n_head_kv, head_dim], f32
-    v: DeviceArray
+    k: DeviceArray | None           # KV cache [n_ctx, n_head_kv, head_dim], f32 (None: on the host)
+    v: DeviceArray | None
     fc1: DeviceMatrix | None = None
     fc2: DeviceMatrix | None = None
     part: DeviceArray | None = None  # int32 [n_ff]: local hot id or -1
@@ -71,7 +72,7 @@ class _Layer:
 
 class DeviceLayers:
     def __init__(self, model: Model, dev: Device, layers: list[int], predictors: set[int], output: bool,
-                 hot_rows: dict[int, tuple] | None = None, stream=None):
+                 kv_on_device: bool = True, hot_rows: dict[int, tuple] | None = None, stream=None):
         self.model, self.dev, self.stream = model, dev, stream
         cfg = model.config
         self.cfg = cfg
@@ -83,7 +84,8 @@ class DeviceLayers:
             L = _Layer(attn_norm=dev.to_device(lw.attn_norm.astype(np.float32)),
                        ffn_norm=dev.to_device(lw.ffn_norm.astype(np.float32)),
                        wq=dev.matrix(lw.wq), wk=dev.matrix(lw.wk), wv=dev.matrix(lw.wv), wo=dev.matrix(lw.wo),
-                       k=dev.zeros(kv_shape), v=dev.zeros(kv_shape))
+                       k=dev.zeros(kv_shape) if kv_on_device else None,
+                       v=dev.zeros(kv_shape) if kv_on_device else None)
             if li in predictors and lw.fc1 is not None and model.mode == "sparse":
                 L.fc1, L.fc2 = dev.matrix(lw.fc1), dev.matrix(lw.fc2)
             rows = hot_rows.get(li)
@@ -122,17 +124,28 @@ class DeviceLayers:
     def attention(self, li: int, x: DeviceArray, pos0: int) -> None:
         """x [T, n_embd] += attention block of layer li, for the tokens at positions pos0 .."""
         cfg, dev, L, st = self.cfg, self.dev, self.layers[li], self.stream
-        T, d = x.shape[0], cfg.head_dim
+        T, d, kv_w = x.shape[0], cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
         q = dev.gemm(L.wq, h, out=self._buf("q", T, cfg.n_head * d), stream=st)
-        k = L.k.rows(pos0, pos0 + T)
-        v = L.v.rows(pos0, pos0 + T)
-        dev.gemm(L.wk, h, out=k.reshape(T, cfg.n_head_kv * d), stream=st)
-        dev.gemm(L.wv, h, out=v.reshape(T, cfg.n_head_kv * d), stream=st)
+        # K and V straight into the device cache rows of these positions (or scratch, cache on the host)
+        k = L.k.rows(pos0, pos0 + T) if L.k is not None else self._buf("k", T, kv_w).reshape(T, cfg.n_head_kv, d)
+        v = L.v.rows(pos0, pos0 + T) if L.v is not None else self._buf("v", T, kv_w).reshape(T, cfg.n_head_kv, d)
+        dev.gemm(L.wk, h, out=k.reshape(T, kv_w), stream=st)
+        dev.gemm(L.wv, h, out=v.reshape(T, kv_w), stream=st)
         dev.rope(q.reshape(T, cfg.n_head, d), pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
-        att = dev.attention(q.reshape(T, cfg.n_head, d), L.k, L.v, pos0, out=self._buf("att", T, cfg.n_head * d),
-                            stream=st)
+        att = self._buf("att", T, cfg.n_head * d)
+        if L.k is not None:
+            dev.attention(q.reshape(T, cfg.n_head, d), L.k, L.v, pos0, out=att, stream=st)
+        else:  # the cache is on the host: attention there
+            s = self.model.state
+            q_h = np.empty((T, cfg.n_head, d), np.float32)
+            self._d2h(q_h, q)
+            self._d2h(s.k[li, pos0:pos0 + T], k)
+            self._d2h(s.v[li, pos0:pos0 + T], v)
+            dev.sync(st)
+            a = self.model._attention(q_h, s.k[li, : pos0 + T], s.v[li, : pos0 + T], pos0)
+            att.copy_from(a, st)
         dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
 
     def ffn(self, li: int, x: DeviceArray) -> None:
@@ -211,6 +224,9 @@ class DeviceLayers:
         return self.dev.gemm(W, h, out=self._buf("logits_out", T, W.rows), stream=self.stream).to_host(self.stream)
 
     # ---- KV cache state (save_state / load_state)
+    def device_kv_layers(self) -> list[int]:
+        return [li for li, L in self.layers.items() if L.k is not None]
+
     def kv(self, li: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         L = self.layers[li]
         return L.k.rows(0, n).to_host(self.stream), L.v.rows(0, n).to_host(self.stream)

@@ -135,12 +135,12 @@ class Model:
         from pi_backend.engine.device_layers import DeviceLayers, offloaded_layers
         from pi_backend.engine.executors import DeviceExecutor
 
-        layers, preds, output = offloaded_layers(self.placement.dense_gpu, self.config.n_layer)
+        layers, preds, output, kv = offloaded_layers(self.placement.dense_gpu, self.config.n_layer)
         if not layers:
             return None
         hot = self.hot_executor if isinstance(self.hot_executor, DeviceExecutor) else None
         dev = hot.dev if hot is not None else gpu_executor().dev
-        return DeviceLayers(self, dev, layers, preds, output, hot_rows=hot._layers if hot else None)
+        return DeviceLayers(self, dev, layers, preds, output, kv_on_device=kv, hot_rows=hot._layers if hot else None)
 
     # ---- set-up helpers
     def _layer_threshold(self, i: int) -> float:
@@ -231,7 +231,7 @@ class Model:
         """A copy of the filled part of the KV cache (llama-cpp-python's save_state)."""
         n = self.state.n_past
         k, v = self.state.k[:, :n].copy(), self.state.v[:, :n].copy()
-        for li in self.device_layers.layers if self.device_layers else ():
+        for li in self.device_layers.device_kv_layers() if self.device_layers else ():
             k[li], v[li] = self.device_layers.kv(li, n)
         return {"n_past": n, "k": k, "v": v}
 
@@ -242,7 +242,7 @@ class Model:
             raise ValueError(f"state: does not fit this model (n_past {n}, k {getattr(k, 'shape', None)})")
         self.state.k[:, :n] = k
         self.state.v[:, :n] = v
-        for li in self.device_layers.layers if self.device_layers else ():
+        for li in self.device_layers.device_kv_layers() if self.device_layers else ():
             self.device_layers.set_kv(li, k[li], v[li])
         self.state.n_past = n
 
