@@ -101,6 +101,7 @@ class Model:
         self.options = EngineOptions(**options)
         self.path = os.fspath(path)
         self.gguf = GGUFFile.open(self.path)
+        self.gguf.prefetch()
         try:
             self.config = ModelConfig.from_gguf(self.gguf, ffn_act=self.options.ffn_act)
             self.weights: Weights = load_weights(self.gguf, self.config)

@@ -9,6 +9,7 @@ Tensor data is never copied: one read-only `np.memmap` of the whole file backs e
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -192,6 +193,17 @@ class GGUFFile:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "GGUFFile":
         return cls(path)
+
+    def prefetch(self) -> None:
+        """Ask the kernel to read the whole file into the page cache in the background (llama.cpp's
+        default, MADV_WILLNEED): otherwise the first touch of each page -- a new token's embedding row,
+        a neuron's rows the first time it fires -- is a disk read in the middle of a decode step."""
+        raw = getattr(self._mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_WILLNEED"):
+            try:
+                raw.madvise(mmap.MADV_WILLNEED)
+            except OSError:
+                pass  # advice only
 
     def close(self) -> None:
         """Drop this object's mapping. Views handed out earlier stay valid (numpy keeps them alive)."""
