@@ -39,3 +39,17 @@ def assert_close(actual, expected, rtol=2e-5):
     assert actual.shape == expected.shape
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale * 50)
+
+
+def attention_np(q, K, V, n_past):
+    """Causal GQA attention in float64: q [T, H, d] at positions n_past .., K/V [S, Hkv, d]."""
+    T, H, d = q.shape
+    group = H // K.shape[1]
+    out = np.zeros((T, H, d))
+    for t in range(T):
+        S = n_past + t + 1
+        for h in range(H):
+            s = K[:S, h // group].astype(np.float64) @ q[t, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[t, h] = p @ V[:S, h // group] / p.sum()
+    return out.reshape(T, H * d)

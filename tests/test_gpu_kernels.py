@@ -22,7 +22,7 @@ import pytest
 
 from pi_backend import native
 from pi_backend.native import build_gpu, device
-from tests.native_helpers import ALL_TYPES, assert_close, make_matrix
+from tests.native_helpers import ALL_TYPES, assert_close, attention_np, make_matrix
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLOAT_TYPES = (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16)
@@ -267,20 +267,6 @@ def test_rope_matches_the_cpu_op(dev, neox, n_rot):
     native.rope(ref, np.arange(40, 45, dtype=np.int32), n_rot, 10000.0, neox=neox)
     out = dev.rope(dev.to_device(x), 40, n_rot, 10000.0, neox=neox).to_host()
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
-
-
-def attention_np(q, K, V, n_past):
-    """causal GQA attention in float64: q [T, H, d], K/V [S, Hkv, d]"""
-    T, H, d = q.shape
-    group = H // K.shape[1]
-    out = np.zeros((T, H, d))
-    for t in range(T):
-        S = n_past + t + 1
-        for h in range(H):
-            s = K[:S, h // group].astype(np.float64) @ q[t, h] / np.sqrt(d)
-            p = np.exp(s - s.max())
-            out[t, h] = p @ V[:S, h // group] / p.sum()
-    return out.reshape(T, H * d)
 
 
 @pytest.mark.parametrize("n_tok, n_past, d", [(1, 0, 32), (1, 37, 64), (4, 9, 16), (3, 300, 32)])

@@ -102,3 +102,15 @@ def test_c_refuses_what_python_would_have_caught():
     assert lib.pi_set_isa(99) == lib.PI_ERR_ISA
     with pytest.raises(native.NativeError, match="index is outside"):
         native._check("pi_sparse_gemm_rows", lib.PI_ERR_INDEX)
+
+
+def test_attention_c_side_refuses_bad_sizes():
+    """The C op checks sizes itself (the wrapper is not the only guard)."""
+    q = np.zeros((2, 4, 8), np.float32)
+    kv = np.zeros((5, 2, 8), np.float32)
+    out = np.zeros((2, 32), np.float32)
+    f = lambda a: ffi.cast("float *", ffi.from_buffer(a))  # noqa: E731
+    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 4, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 + 2 > 5 rows
+    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 0, 2, 4, 3, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 % 3 heads
+    assert lib.pi_attention(f(q), ffi.NULL, f(kv), 5, 0, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_NULL
+    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_OK

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
 from pi_backend import native
-from tests.native_helpers import ALL_TYPES, assert_close, make_matrix, valid_cols
+from tests.native_helpers import ALL_TYPES, assert_close, attention_np, make_matrix, valid_cols
 
 TYPE_IDS = [native.TYPE_NAMES[t] for t in ALL_TYPES]
 QUANT_TYPES = (native.TYPE_Q8_0, native.TYPE_Q4_0)
@@ -298,3 +298,20 @@ def test_isa_selection_and_info():
     assert native.get_num_threads() == 2
     with pytest.raises(ValueError, match="n"):
         native.set_num_threads(0)
+
+
+@pytest.mark.parametrize("n_tok, n_past, n_head, n_head_kv, d", [(1, 0, 4, 4, 16), (1, 37, 8, 2, 64),
+                                                                  (5, 9, 4, 1, 32), (40, 300, 8, 4, 128)])
+def test_attention_matches_numpy(n_tok, n_past, n_head, n_head_kv, d):
+    rng = np.random.default_rng(n_tok + n_past)
+    rows = n_past + n_tok + 3  # rows past the visible ones hold garbage that must not be read
+    q = rng.standard_normal((n_tok, n_head, d)).astype(np.float32)
+    K = rng.standard_normal((rows, n_head_kv, d)).astype(np.float32)
+    V = rng.standard_normal((rows, n_head_kv, d)).astype(np.float32)
+    want = attention_np(q, K, V, n_past)
+    for n_threads in (1, 2):
+        assert_close(native.attention(q, K, V, n_past, n_threads=n_threads), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_past"):
+        native.attention(q, K, V, rows - n_tok + 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.attention(q, K[:, :, :-1].copy(), V, n_past)

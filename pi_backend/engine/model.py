@@ -304,20 +304,9 @@ class Model:
                            n_threads=nt)
 
     def _attention(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, n_past: int) -> np.ndarray:
-        """Causal grouped-query attention of q [T, n_head, d] over K, V [S, n_head_kv, d]."""
-        cfg = self.config
-        T, S, d = q.shape[0], K.shape[0], cfg.head_dim
-        group = cfg.n_head // cfg.n_head_kv
-        qg = q.reshape(T, cfg.n_head_kv, group, d).transpose(1, 2, 0, 3).reshape(cfg.n_head_kv, group * T, d)
-        scores = qg @ K.transpose(1, 2, 0) * np.float32(1.0 / np.sqrt(d))  # [kv, group*T, S]
-        if T > 1:  # token t sees positions <= n_past + t
-            visible = np.arange(S)[None, :] <= (n_past + np.arange(T))[:, None]
-            scores = np.where(np.tile(visible, (group, 1))[None], scores, np.float32(-np.inf))
-        scores -= scores.max(-1, keepdims=True)
-        p = np.exp(scores)
-        p /= p.sum(-1, keepdims=True)
-        out = p @ V.transpose(1, 0, 2)  # [kv, group*T, d]
-        return np.ascontiguousarray(out.reshape(cfg.n_head_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, -1))
+        """Causal grouped-query attention of q [T, n_head, d] over K, V [S, n_head_kv, d] (the cache rows
+        0 .. n_past + T - 1): the native op, one (token, head) pair at a time."""
+        return native.attention(np.ascontiguousarray(q), K, V, n_past, n_threads=self.n_threads)
 
     # ---- generation
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,

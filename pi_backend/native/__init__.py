@@ -336,6 +336,27 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
     return y
 
 
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
+              out: np.ndarray | None = None, n_threads: int = 0) -> np.ndarray:
+    """Causal grouped-query attention of q [n_tok, n_head, d] (positions n_past ..) over the cache
+    rows [kv_rows, n_head_kv, d], the new tokens' rows already written; returns [n_tok, n_head * d]."""
+    q = _require(q, "q", np.float32, ndim=3)
+    k_cache = _require(k_cache, "k_cache", np.float32, ndim=3)
+    v_cache = _require(v_cache, "v_cache", np.float32, ndim=3)
+    n_tok, n_head, d = q.shape
+    kv_rows, n_head_kv, dk = k_cache.shape
+    if v_cache.shape != k_cache.shape or dk != d:
+        raise ValueError(f"k_cache / v_cache: shapes {k_cache.shape} / {v_cache.shape} do not fit q {q.shape}")
+    if n_tok == 0 or n_head % n_head_kv:
+        raise ValueError(f"q: {n_head} heads over {n_tok} tokens does not fit the cache's {n_head_kv} KV heads")
+    if not 0 <= int(n_past) <= kv_rows - n_tok:
+        raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
+    y = _out(out, "out", (n_tok, n_head * d))
+    _check("pi_attention", lib.pi_attention(_f(q), _f(k_cache), _f(v_cache), kv_rows, int(n_past), n_tok, n_head,
+                                            n_head_kv, d, _f(y), _threads(n_threads)))
+    return y
+
+
 def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float, neox: bool = False) -> np.ndarray:
     """Rotary embedding in place on x [n_tok, n_heads, head_dim] at positions pos [n_tok]."""
     x = _require(x, "x", np.float32, ndim=3, writable=True)

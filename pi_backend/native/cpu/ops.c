@@ -695,3 +695,69 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
     free(cs);
     return PI_OK;
 }
+
+/* ------------------------------------------------------------------ attention */
+
+typedef struct {
+    const float *q, *k, *v;
+    int64_t n_past, n_tok, n_head, group, d, kv_w;
+    float *out;
+    _Atomic int64_t next; /* next (token, head) pair */
+    _Atomic int err;
+} attn_ctx;
+
+/* one (token, head): scores over the visible rows (the F32 dot kernel), softmax, then the weighted sum
+ * of V rows (the F32 axpy kernel, PI_AXPY_ROWS rows per call) */
+static void attn_task(void *p, int tid, int nth) {
+    (void)tid; (void)nth;
+    attn_ctx *c = (attn_ctx *)p;
+    const pi_kernel_table *k = K();
+    const pi_dot_fn dot = k->dot[PI_T_F32];
+    const pi_axpy_fn axpy = k->axpy[PI_T_F32];
+    const int64_t d = c->d, n_items = c->n_tok * c->n_head;
+    float *s = malloc((size_t)(c->n_past + c->n_tok) * sizeof(float));
+    if (!s) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
+    const float scale = 1.0f / sqrtf((float)d);
+    for (;;) {
+        const int64_t item = atomic_fetch_add(&c->next, 1);
+        if (item >= n_items) break;
+        const int64_t t = item / c->n_head, h = item % c->n_head, g = h / c->group, S = c->n_past + t + 1;
+        const float *qv = c->q + item * d;
+        float m = -INFINITY;
+        for (int64_t r = 0; r < S; r++) {
+            s[r] = dot(c->k + r * c->kv_w + g * d, qv, d, NULL) * scale;
+            m = s[r] > m ? s[r] : m;
+        }
+        float sum = 0.0f;
+        for (int64_t r = 0; r < S; r++) sum += (s[r] = expf(s[r] - m));
+        const float inv = 1.0f / sum;
+        for (int64_t r = 0; r < S; r++) s[r] *= inv;
+        float *o = c->out + item * d;
+        memset(o, 0, (size_t)d * sizeof(float));
+        const void *rows[PI_AXPY_ROWS];
+        for (int64_t r0 = 0; r0 < S; r0 += PI_AXPY_ROWS) {
+            const int nr = (int)(S - r0 < PI_AXPY_ROWS ? S - r0 : PI_AXPY_ROWS);
+            for (int j = 0; j < nr; j++) rows[j] = c->v + (r0 + j) * c->kv_w + g * d;
+            axpy(rows, s + r0, nr, o, d, NULL, 0);
+        }
+    }
+    free(s);
+}
+
+int pi_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
+                 int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, int n_threads) {
+    if (!q || !k_cache || !v_cache || !out) return PI_ERR_NULL;
+    int64_t tmp, kv_w;
+    if (n_tok <= 0 || n_past < 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || n_head % n_head_kv ||
+        kv_rows > PI_MAX_DIM || n_past > kv_rows || n_tok > kv_rows - n_past || !mul_ok(n_head_kv, head_dim, &kv_w) ||
+        !mul_ok(kv_rows, kv_w, &tmp) || !mul_ok(n_tok, n_head, &tmp) || !mul_ok(tmp, head_dim, &tmp))
+        return PI_ERR_SHAPE;
+    attn_ctx c = {q, k_cache, v_cache, n_past, n_tok, n_head, n_head / n_head_kv, head_dim, kv_w, out, 0, PI_OK};
+    /* a decode step's few heads over a short cache cost less than a dispatch: one thread below ~64k MACs */
+    int nth = pi_pool_resolve_threads(n_threads);
+    const int64_t work = n_tok * n_head * (n_past + n_tok) * head_dim;
+    if (work < ((int64_t)1 << 16)) nth = 1;
+    if (nth > n_tok * n_head) nth = (int)(n_tok * n_head);
+    pi_pool_run(attn_task, &c, nth);
+    return atomic_load(&c.err);
+}

@@ -135,6 +135,12 @@ int pi_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float e
  * neox = 0: adjacent pairs (Meta / GGUF llama layout), 1: halves (NeoX / HF layout) */
 int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_t head_dim,
             int64_t n_rot, float freq_base, int32_t neox);
+/* causal grouped-query attention: q [n_tok, n_head, head_dim] at positions n_past .. n_past + n_tok - 1
+ * over the cache rows k_cache / v_cache [kv_rows, n_head_kv, head_dim], rows 0 .. n_past + n_tok - 1
+ * filled (the new tokens' included); token t sees rows 0 .. n_past + t. out [n_tok, n_head * head_dim].
+ * Needs n_head % n_head_kv == 0 and n_past + n_tok <= kv_rows. */
+int pi_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
+                 int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, int n_threads);
 
 /* PI_CDEF_END */
 
