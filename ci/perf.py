@@ -37,9 +37,10 @@ def run_suite(module: str, extra: list[str]) -> dict:
                "--benchmark-only", f"--benchmark-json={out}", "--benchmark-columns=median,min,rounds", *extra]
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=ROOT)
-        if rc not in (0, 5) or not out.exists():  # 5: every benchmark skipped
+        if rc not in (0, 5):  # 5: nothing collected
             raise SystemExit(f"benchmark suite {module} failed (pytest exit {rc})")
-        return json.loads(out.read_text())
+        # every benchmark skipped (the GPU suites without a GPU): pytest-benchmark writes no file
+        return json.loads(out.read_text()) if out.exists() else {"benchmarks": []}
 
 
 def suite_metrics(module: str, results: dict) -> tuple[dict[str, float], dict[str, float]]:
