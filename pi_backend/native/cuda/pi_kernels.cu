@@ -662,35 +662,27 @@ layers and only the FFN input (n_embd floats per token) and a compact cold index
 are small next to the weight streams (k_rows does the projections); written for clarity and fixed
 reduction orders (deterministic), not for the last microsecond. */
 
-/* sum over the block in a fixed order: warp butterflies, then every thread adds the warp sums in order.
- * sh: >= PI_BLOCK / warp floats of shared memory; callable repeatedly (barrier before reuse). */
-__device__ __forceinline__ float block_sum(float v, float *sh) {
+struct SumOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+/* op over the block in a fixed order (deterministic): warp butterflies, then every thread folds the warp
+ * results in order. sh: >= PI_BLOCK / warp floats of shared memory; callable repeatedly (a barrier
+ * before reuse). */
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float *sh, Op op) {
     const int lane = (int)(threadIdx.x % PI_WARP_SIZE), warp = (int)(threadIdx.x / PI_WARP_SIZE);
     const int nw = (int)(blockDim.x / PI_WARP_SIZE);
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float t = 0.0f;
-    for (int w = 0; w < nw; w++) t += sh[w];
-    return t;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-    for (int o = PI_WARP_SIZE / 2; o > 0; o >>= 1) v = fmaxf(v, PI_SHFL_XOR(v, o));
-    return v;
-}
-
-__device__ __forceinline__ float block_max(float v, float *sh) {
-    const int lane = (int)(threadIdx.x % PI_WARP_SIZE), warp = (int)(threadIdx.x / PI_WARP_SIZE);
-    const int nw = (int)(blockDim.x / PI_WARP_SIZE);
-    v = warp_max(v);
+    for (int o = PI_WARP_SIZE / 2; o > 0; o >>= 1) v = op(v, PI_SHFL_XOR(v, o));
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     float t = sh[0];
-    for (int w = 1; w < nw; w++) t = fmaxf(t, sh[w]);
+    for (int w = 1; w < nw; w++) t = op(t, sh[w]);
     return t;
 }
 
@@ -702,7 +694,7 @@ __global__ void __launch_bounds__(PI_BLOCK) k_rmsnorm(const float *x, const floa
     float *yt = y + (int64_t)blockIdx.x * n;
     float ss = 0.0f;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xt[i], xt[i], ss);
-    ss = block_sum(ss, sh);
+    ss = block_reduce(ss, sh, SumOp());
     const float scale = 1.0f / sqrtf(ss / (float)n + eps);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yt[i] = xt[i] * scale * PI_LDG(w + i);
 }
@@ -750,14 +742,14 @@ __global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict_
     __syncthreads();
     float m = -INFINITY;
     for (int64_t r = tid; r < S; r += bd) m = fmaxf(m, s[r]);
-    m = block_max(m, red);
+    m = block_reduce(m, red, MaxOp());
     float sum = 0.0f;
     for (int64_t r = tid; r < S; r += bd) {
         const float e = expf(s[r] - m);
         s[r] = e;
         sum += e;
     }
-    sum = block_sum(sum, red); /* its barriers also publish the s[] writes */
+    sum = block_reduce(sum, red, SumOp()); /* its barriers also publish the s[] writes */
     const float inv = 1.0f / sum;
     float *o = out + (t * n_head + h) * d;
     if (d <= bd) {
