@@ -38,8 +38,9 @@ def cmd_generate(args) -> int:
     model = load(path, **_engine_options(args))
     for message in getattr(model.placement, "messages", None) or []:
         print(f"[pi-backend] placement: {message}", file=sys.stderr)
-    if model.placement is not None and model.use_gpu:
-        print(f"[pi-backend] GPU: {_gpu_summary(model)}", file=sys.stderr)
+    if model.placement is not None:
+        where = "GPU" if model.use_gpu else "placement (no GPU here: a CPU thread stands in for its share)"
+        print(f"[pi-backend] {where}: {_gpu_summary(model)}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -67,10 +68,12 @@ def _gpu_summary(model) -> str:
     if dl is not None:
         parts.append(f"dense blocks + KV cache of {len(dl.layers)}/{model.config.n_layer} layers"
                      + (", output head" if dl.output is not None else ""))
-    else:
+    elif model.use_gpu:
         parts.append("dense blocks on the CPU")
     if p.has_split:
         parts.append(f"hot neurons {p.hot_counts.sum() / (p.n_layer * p.n_ff):.1%} of the FFN")
+    elif p.budget_bytes > p.total_bytes and p.source not in ("none",):
+        parts.append("no hot neurons (the cost model finds no layer where a split beats its synchronisation)")
     parts.append(f"{p.total_bytes / (1 << 20):.0f} MiB placed of a {p.budget_bytes / (1 << 20):.0f} MiB budget")
     return "; ".join(parts)
 
