@@ -78,12 +78,28 @@ def _gpu_summary(model) -> str:
     return "; ".join(parts)
 
 
+def _device_info() -> str:
+    from pi_backend.native import device, rocm
+
+    if not device.available():
+        text = f"none ({device.why_unavailable()})"
+    else:
+        dev = device.default()
+        free, total = dev.mem_info()
+        text = f"{dev.backend}: {dev.name}, {free / (1 << 30):.1f} of {total / (1 << 30):.1f} GiB free"
+    for d in rocm.devices():  # hip-python, where ROCm is installed
+        text += (f"\n  rocm {d['id']}: {d['name']} {d['arch']}, wave {d['wave_size']}, {d['compute_units']} CUs, "
+                 f"{d['total_bytes'] / (1 << 30):.1f} GiB")
+    return text
+
+
 def cmd_info(args) -> int:
     from pi_backend import native
     from pi_backend.model.config import ModelConfig
     from pi_backend.model.gguf_file import GGUFFile
 
     print(f"native: {native.info()}")
+    print(f"device: {_device_info()}")
     if args.model:
         with GGUFFile.open(args.model) as g:
             cfg = ModelConfig.from_gguf(g, ffn_act=args.ffn_act)

@@ -475,3 +475,43 @@ def test_hip_library_compiles_and_exports_every_entry_point(tmp_path):
     """The same kernel source through hipcc, for a wave64 target (gfx90a)."""
     lib = build_gpu.build_hip(tmp_path, archs="gfx90a", strict=True, verbose=False)
     assert set(device.device_functions()) <= _exports(lib)
+
+
+def test_rocm_queries_through_hip_python(monkeypatch):
+    """pi_backend.native.rocm reads devices through hip-python: nothing without it (as here), and the
+    properties of each device with it -- checked against a stand-in module of hip-python's API (both
+    its calling conventions: (err, props) = hipGetDeviceProperties(id), and the older fill-in form)."""
+    import sys
+    import types
+
+    from pi_backend.native import rocm
+
+    monkeypatch.setitem(sys.modules, "hip", None)  # not installed
+    assert rocm.devices() == []
+
+    class Props:
+        name, gcnArchName = b"AMD Instinct MI210\0junk", b"gfx90a:sramecc+:xnack-"
+        warpSize, multiProcessorCount, totalGlobalMem = 64, 104, 64 << 30
+
+    new_api = types.SimpleNamespace(
+        hipError_t=types.SimpleNamespace(hipSuccess=0), hipGetDeviceCount=lambda: (0, 1),
+        hipGetDeviceProperties=lambda i: (0, Props()))
+
+    def old_get_properties(*args):  # hipGetDeviceProperties(props, device_id) -> err
+        if len(args) != 2 or not isinstance(args[0], Props):
+            raise TypeError("hipGetDeviceProperties(props, deviceId)")
+        return 0
+
+    old_api = types.SimpleNamespace(hipGetDeviceCount=lambda: (0, 1), hipDeviceProp_t=Props,
+                                    hipGetDeviceProperties=old_get_properties)
+    for api in (new_api, old_api):
+        pkg = types.ModuleType("hip")
+        pkg.hip = api
+        monkeypatch.setitem(sys.modules, "hip", pkg)
+        assert rocm.devices() == [{"id": 0, "name": "AMD Instinct MI210", "arch": "gfx90a:sramecc+:xnack-",
+                                   "wave_size": 64, "compute_units": 104, "total_bytes": 64 << 30}]
+    no_device = types.SimpleNamespace(hipError_t=types.SimpleNamespace(hipSuccess=0), hipGetDeviceCount=lambda: (100, 0))
+    pkg = types.ModuleType("hip")
+    pkg.hip = no_device
+    monkeypatch.setitem(sys.modules, "hip", pkg)
+    assert rocm.devices() == []
