@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pi_backend import native
 
 if TYPE_CHECKING:
     from pi_backend.engine.model import Model
@@ -98,8 +97,6 @@ class DeviceLayers:
         w = model.weights
         self.output = (dev.to_device(w.output_norm.astype(np.float32)), dev.matrix(w.output)) if output else None
         self._bufs: dict[str, DeviceArray] = {}
-        self._ffi, self._lib = dev.ffi, dev.lib
-        self._st = dev.ffi.NULL if stream is None else dev.ffi.cast("void *", int(stream))
 
     # ---- plumbing
     def _buf(self, name: str, rows: int, width: int, dtype=np.float32) -> DeviceArray:
@@ -115,10 +112,6 @@ class DeviceLayers:
 
     def download(self, a: DeviceArray) -> np.ndarray:
         return a.to_host(self.stream)
-
-    def _d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
-        native._check("pi_dev_memcpy_d2h", self._lib.pi_dev_memcpy_d2h(
-            self._ffi.from_buffer(dst), src.ptr(), dst.nbytes, self._st))
 
     # ---- one layer
     def attention(self, li: int, x: DeviceArray, pos0: int) -> None:
@@ -140,9 +133,9 @@ class DeviceLayers:
         else:  # the cache is on the host: attention there
             s = self.model.state
             q_h = np.empty((T, cfg.n_head, d), np.float32)
-            self._d2h(q_h, q)
-            self._d2h(s.k[li, pos0:pos0 + T], k)
-            self._d2h(s.v[li, pos0:pos0 + T], v)
+            q.copy_to_host(q_h, st)
+            k.copy_to_host(s.k[li, pos0:pos0 + T], st)
+            v.copy_to_host(s.v[li, pos0:pos0 + T], st)
             dev.sync(st)
             a = self.model._attention(q_h, s.k[li, : pos0 + T], s.v[li, : pos0 + T], pos0)
             att.copy_from(a, st)
@@ -157,8 +150,8 @@ class DeviceLayers:
         ffn_in_h = np.empty((T, cfg.n_embd), np.float32)
         if lw.down_t is None:  # plain GGUF: the FFN on the CPU
             x_h = np.empty_like(ffn_in_h)
-            self._d2h(x_h, x)
-            self._d2h(ffn_in_h, ffn_in)
+            x.copy_to_host(x_h, st)
+            ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)
             y = f(x_h, ffn_in_h)
             dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
@@ -172,39 +165,37 @@ class DeviceLayers:
                        counts.reshape(2), stream=st)
             n = np.empty(2, np.int32)
             cold = np.empty(min(L.cold_cap, cfg.n_ff), np.int32)
-            self._d2h(n, counts)
-            self._d2h(cold, cold_ids.reshape(cfg.n_ff).rows(0, cold.size))
-            self._d2h(ffn_in_h, ffn_in)
+            counts.copy_to_host(n, st)
+            cold_ids.reshape(cfg.n_ff).rows(0, cold.size).copy_to_host(cold, st)
+            ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)  # the layer's synchronisation
             n_hot, n_cold = int(n[0]), int(n[1])
             if n_cold > cold.size:  # more cold neurons than ever before: fetch the rest, remember the size
                 rest = np.empty(n_cold - cold.size, np.int32)
-                self._d2h(rest, cold_ids.reshape(cfg.n_ff).rows(cold.size, n_cold))
+                cold_ids.reshape(cfg.n_ff).rows(cold.size, n_cold).copy_to_host(rest, st)
                 dev.sync(st)
                 cold = np.concatenate([cold, rest])
                 L.cold_cap = min(cfg.n_ff, 1 << int(2 * n_cold - 1).bit_length())
             cold = cold[:n_cold]
-            hot_dev = hot_ids
+            hot_dev = hot_ids.reshape(cfg.n_ff).rows(0, n_hot)
         else:  # the active set from the host
             x_h = None
             if f.mode == "sparse":
                 x_h = np.empty_like(ffn_in_h)
-                self._d2h(x_h, x)
-            self._d2h(ffn_in_h, ffn_in)
+                x.copy_to_host(x_h, st)
+            ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)
             idx = f.active_set(x_h)
             in_hot = L.local[idx] >= 0 if L.local is not None else np.zeros(idx.size, bool)
             hot_local, cold = L.local[idx[in_hot]] if in_hot.any() else np.zeros(0, np.int32), idx[~in_hot]
             n_hot = hot_local.size
-            hot_dev = self._buf("hot_ids", 1, cfg.n_ff, np.int32)
+            hot_dev = self._buf("hot_ids", 1, cfg.n_ff, np.int32).reshape(cfg.n_ff).rows(0, n_hot)
             if n_hot:
-                hot_dev.reshape(cfg.n_ff).rows(0, n_hot).copy_from(hot_local.astype(np.int32), st)
+                hot_dev.copy_from(hot_local.astype(np.int32), st)
         if n_hot:  # launched, not waited for: runs while the CPU computes the cold partition
             gate, up, down_t = L.hot
-            native._check("pi_dev_sparse_ffn", self._lib.pi_dev_sparse_ffn(
-                gate._desc if gate is not None else self._ffi.NULL, up._desc, down_t._desc,
-                native.ACTIVATIONS[f.act], hot_dev.ptr("int32_t *"), n_hot, ffn_in.ptr("float *"), T,
-                x.ptr("float *"), 1, float(skip), self._st))
+            dev.sparse_ffn(gate, up, down_t, ffn_in, hot_dev, act=f.act, out=x, accumulate=True,
+                           skip_threshold=skip, stream=st)
         skipped = 0
         if cold.size:
             y = np.empty_like(ffn_in_h)

@@ -314,7 +314,6 @@ class DeviceExecutor:
             if dev is None:
                 raise GpuUnavailableError(f"no GPU device: {mod.why_unavailable() if mod else 'no device module'}")
         self.dev, self.stream = dev, stream
-        self._stream = dev.ffi.NULL if stream is None else dev.ffi.cast("void *", int(stream))
         self._layers: dict[int, tuple] = {}
         self._buf: dict[str, Any] = {}
         self._busy = False
@@ -327,16 +326,13 @@ class DeviceExecutor:
         up = lambda m: None if m is None else self.dev.matrix(m)  # noqa: E731
         self._layers[layer] = (rows.local, up(rows.gate), up(rows.up), up(rows.down_t))
 
-    def _scratch(self, name: str, n: int, dtype) -> Any:
-        arr = self._buf.get(name)
-        if arr is None or arr.size < n:
-            arr = self._buf[name] = self.dev.empty((max(n, 1),), dtype)
-        return arr
-
-    def _h2d(self, dst, a: np.ndarray) -> None:
+    def _upload(self, name: str, a: np.ndarray) -> Any:
+        """a copied into the scratch buffer `name` (allocated once, grown when needed), as a view of a's shape."""
         a = np.ascontiguousarray(a)
-        native._check("pi_dev_memcpy_h2d", self.dev.lib.pi_dev_memcpy_h2d(
-            dst.ptr(), self.dev.ffi.from_buffer(a), a.nbytes, self._stream))
+        arr = self._buf.get(name)
+        if arr is None or arr.size < a.size:
+            arr = self._buf[name] = self.dev.empty((max(a.size, 1),), a.dtype)
+        return arr.rows(0, a.size).reshape(a.shape).copy_from(a, self.stream)
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
                skip_threshold: float) -> _DeviceJob:
@@ -349,17 +345,13 @@ class DeviceExecutor:
         loc = local[idx]
         if loc.min() < 0:
             raise ValueError(f"idx: neuron {int(idx[loc < 0][0])} was not prepared for this executor")
-        n_embd = up.cols
-        d_idx = self._scratch("idx", loc.size, np.int32)
-        d_x = self._scratch("x", n_tok * n_embd, np.float32)
-        d_y = self._scratch("y", n_tok * n_embd, np.float32)
-        self._h2d(d_idx, loc.astype(np.int32))
-        self._h2d(d_x, np.asarray(x, np.float32))
-        ffi, lib = self.dev.ffi, self.dev.lib
-        native._check("pi_dev_sparse_ffn", lib.pi_dev_sparse_ffn(
-            gate._desc if gate is not None else ffi.NULL, up._desc, down_t._desc, native.ACTIVATIONS[act],
-            d_idx.ptr("int32_t *"), loc.size, d_x.ptr("float *"), n_tok, d_y.ptr("float *"), 0,
-            float(skip_threshold), self._stream))
+        d_idx = self._upload("idx", loc.astype(np.int32))
+        d_x = self._upload("x", np.asarray(x, np.float32))
+        y = self._buf.get("y")
+        if y is None or y.size < d_x.size:
+            y = self._buf["y"] = self.dev.empty((d_x.size,), np.float32)
+        d_y = self.dev.sparse_ffn(gate, up, down_t, d_x, d_idx, act=act, out=y.rows(0, d_x.size).reshape(d_x.shape),
+                                  skip_threshold=skip_threshold, stream=self.stream)
         self._busy = True
         return _DeviceJob(d_y, n_tok)
 
@@ -369,9 +361,7 @@ class DeviceExecutor:
                 out[...] = 0
             return 0
         self._busy = False
-        part = np.empty(out.shape, np.float32)
-        native._check("pi_dev_memcpy_d2h", self.dev.lib.pi_dev_memcpy_d2h(
-            self.dev.ffi.from_buffer(part), handle.y.ptr(), part.nbytes, self._stream))
+        part = handle.y.copy_to_host(np.empty(out.shape, np.float32), self.stream)
         self.dev.sync(self.stream)  # the one synchronisation (raises a device-flagged index error)
         _merge(part, out, accumulate)
         return 0

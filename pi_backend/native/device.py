@@ -108,13 +108,21 @@ class DeviceArray:
                 self.ptr(), ffi.from_buffer(a), self.nbytes, _stream(ffi, stream)))
         return self
 
-    def to_host(self, stream=None) -> np.ndarray:
-        """Copy back after everything enqueued on `stream` (sync: raises a flagged index error)."""
-        out = np.empty(self.shape, self.dtype)
-        ffi = self.dev.ffi
+    def copy_to_host(self, out: np.ndarray, stream=None) -> np.ndarray:
+        """Enqueue the copy into the C-contiguous host array `out` (same size in bytes); no wait: it is
+        complete after the next sync of `stream`."""
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable
+                and out.nbytes == self.nbytes):
+            raise ValueError(f"out: expected a writable C-contiguous array of {self.nbytes} bytes")
         if self.nbytes:
+            ffi = self.dev.ffi
             _check("pi_dev_memcpy_d2h", self.dev.lib.pi_dev_memcpy_d2h(
                 ffi.from_buffer(out), self.ptr(), self.nbytes, _stream(ffi, stream)))
+        return out
+
+    def to_host(self, stream=None) -> np.ndarray:
+        """Copy back after everything enqueued on `stream` (sync: raises a flagged index error)."""
+        out = self.copy_to_host(np.empty(self.shape, self.dtype), stream)
         self.dev.sync(stream)
         return out
 
