@@ -38,6 +38,18 @@ typedef void (*pi_quantize_x_fn)(const float *x, int64_t n, int8_t *qs, int32_t 
  * that scattered rows stream like one long row. */
 typedef float (*pi_dot_fn)(const void *row, const void *x, int64_t n, const void *pf);
 
+/* out[j] = dot(rows[j], x, n, pf[j]) for j = 0..3, bit for bit (the same operations in the same order),
+ * so which rows happen to be grouped never changes a result. Reading four rows side by side shares every
+ * load and conversion of x among them: on one core the quantized dots are bound by their instruction
+ * count, not by DRAM. pf: NULL, or four rows (entries may be NULL) prefetched as the rows are read. */
+typedef void (*pi_dot4_fn)(const void *const *rows, const void *x, int64_t n, float *out, const void *const *pf);
+
+/* dot4 as four dot calls: for the types and instruction sets where sharing x gains nothing */
+#define PI_DOT4_BY_ONE(name, dot)                                                                      \
+    static void name(const void *const *rows, const void *x, int64_t n, float *out, const void *const *pf) { \
+        for (int j = 0; j < 4; j++) out[j] = dot(rows[j], x, n, pf ? pf[j] : NULL);                    \
+    }
+
 /* y[0:n] += sum_r a[r] * rows[r][0:n], rows summed in order r = 0, 1, .. nr - 1 into each element
  * (the same order as one row at a time), for nr <= PI_AXPY_ROWS; y is read and written once per call.
  * pf: npf rows to prefetch meanwhile (the next group's), or npf = 0. */
@@ -51,6 +63,7 @@ typedef void (*pi_to_f32_fn)(const void *row, float *out, int64_t n);
 typedef struct pi_kernel_table {
     const char *name;
     pi_dot_fn dot[PI_T_COUNT];
+    pi_dot4_fn dot4[PI_T_COUNT];
     pi_axpy_fn axpy[PI_T_COUNT];
     pi_to_f32_fn to_f32[PI_T_COUNT];
     pi_quantize_x_fn quantize_x;

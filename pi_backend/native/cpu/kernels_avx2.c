@@ -261,9 +261,16 @@ static void to_f32_q4_0(const void *row, float *out, int64_t n) {
     axpy_q4_0(&row, &one, 1, out, n, NULL, 0);
 }
 
+PI_DOT4_BY_ONE(dot4_f32, dot_f32)
+PI_DOT4_BY_ONE(dot4_f16, dot_f16)
+PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
+PI_DOT4_BY_ONE(dot4_q8_0, dot_q8_0)
+PI_DOT4_BY_ONE(dot4_q4_0, dot_q4_0)
+
 const pi_kernel_table pi_kernels_avx2 = {
     "avx2",
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
+    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0},
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
     quantize_x,

@@ -91,10 +91,13 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
 
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
- * starting from the activation's offset vector; the lanes become floats once per block and take both
- * scales in one FMA. Four accumulators, one per block of a group of 4. LANES scales the lanes once at
- * the end (Q4_0 sums its high nibbles at 16 times their value). */
-#define QDOT_BODY(BLOCK_INT, BSIZE, LANES)                                                   \
+ * starting from a start vector taken from the activation's offsets; the lanes become floats once per
+ * block and take both scales in one FMA. Four accumulators, one per block of a group of 4. LANES scales
+ * the lanes once at the end (Q4_0 sums its high nibbles at 16 times their value). A block's integer dot
+ * is split into its weight part (W_INT) and its activation part (X_INIT, the start vector), so that
+ * dot4 computes the activation part once for four rows. */
+#define QDOT_BODY(BT, W_INT, X_INIT, BSIZE, LANES)                                           \
+    const BT *b = (const BT *)row;                                                           \
     const pi_xq *x = (const pi_xq *)xv;                                                      \
     const int64_t nb = n / 32;                                                               \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
@@ -102,44 +105,92 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     for (; k + 4 <= nb; k += 4) {                                                            \
         pi_prefetch_span(pf, k * BSIZE, (k + 4) * BSIZE);                                    \
         for (int j = 0; j < 4; j++) {                                                        \
-            const __m256i is = BLOCK_INT(b + k + j, x, k + j);                               \
+            const __m256i is = _mm256_dpbusd_epi32(X_INIT(x, k + j), W_INT(b + k + j), x_qs(x, k + j)); \
             const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[k + j].d] * x->d[k + j]);        \
             acc[j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(is), acc[j]);                     \
         }                                                                                    \
     }                                                                                        \
-    for (; k < nb; k++)                                                                      \
-        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(pi_fp16_table[b[k].d] * x->d[k]),            \
-                                 _mm256_cvtepi32_ps(BLOCK_INT(b + k, x, k)), acc[0]);         \
+    for (; k < nb; k++) {                                                                    \
+        const __m256i is = _mm256_dpbusd_epi32(X_INIT(x, k), W_INT(b + k), x_qs(x, k));      \
+        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(pi_fp16_table[b[k].d] * x->d[k]), _mm256_cvtepi32_ps(is), acc[0]); \
+    }                                                                                        \
     const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])); \
     return hsum256(_mm256_mul_ps(s, LANES));
 
+/* Four rows: the same operations per row as QDOT_BODY (sixteen accumulators), the activation's bytes,
+ * start vector and scale loaded once per block for all four. */
+#define QDOT4_BODY(BT, W_INT, X_INIT, BSIZE, LANES)                                          \
+    const BT *b[4] = {(const BT *)rows[0], (const BT *)rows[1], (const BT *)rows[2], (const BT *)rows[3]}; \
+    const pi_xq *x = (const pi_xq *)xv;                                                      \
+    const int64_t nb = n / 32;                                                               \
+    __m256 acc[4][4];                                                                        \
+    for (int r = 0; r < 4; r++)                                                              \
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();                         \
+    int64_t k = 0;                                                                           \
+    for (; k + 4 <= nb; k += 4) {                                                            \
+        if (pf)                                                                              \
+            for (int r = 0; r < 4; r++) pi_prefetch_span(pf[r], k * BSIZE, (k + 4) * BSIZE); \
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                \
+            const __m256i xs = x_qs(x, k + j), init = X_INIT(x, k + j);                      \
+            const float xd = x->d[k + j];                                                    \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                            \
+                const __m256i is = _mm256_dpbusd_epi32(init, W_INT(b[r] + k + j), xs);       \
+                const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[r][k + j].d] * xd);          \
+                acc[r][j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(is), acc[r][j]);           \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    for (; k < nb; k++) {                                                                    \
+        const __m256i xs = x_qs(x, k), init = X_INIT(x, k);                                  \
+        const float xd = x->d[k];                                                            \
+        for (int r = 0; r < 4; r++) {                                                        \
+            const __m256i is = _mm256_dpbusd_epi32(init, W_INT(b[r] + k), xs);               \
+            acc[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(pi_fp16_table[b[r][k].d] * xd), _mm256_cvtepi32_ps(is), acc[r][0]); \
+        }                                                                                    \
+    }                                                                                        \
+    for (int r = 0; r < 4; r++) {                                                            \
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
+        out[r] = hsum256(_mm256_mul_ps(s, LANES));                                           \
+    }
+
+static inline __m256i x_qs(const pi_xq *x, int64_t k) { return _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)); }
+static inline __m256i x_off(const pi_xq *x, int64_t k) { return _mm256_loadu_si256((const __m256i *)(x->off + 8 * k)); }
+
 /* Q8_0: weights made unsigned by flipping the sign bit (w + 128); the extra 128 * sum(x) is removed
  * by starting from -128 * (sums of 4): off, with lanes 0-3 shifted from -8 to -128 */
-static inline __m256i q8_block_int(const pi_block_q8_0 *b, const pi_xq *x, int64_t k) {
-    const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)b->qs), _mm256_set1_epi8((char)0x80));
-    const __m256i off = _mm256_loadu_si256((const __m256i *)(x->off + 8 * k));
-    const __m256i init = _mm256_sllv_epi32(off, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
-    return _mm256_dpbusd_epi32(init, w, _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
+static inline __m256i q8_w_int(const pi_block_q8_0 *b) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)b->qs), _mm256_set1_epi8((char)0x80));
+}
+static inline __m256i q8_x_init(const pi_xq *x, int64_t k) {
+    return _mm256_sllv_epi32(x_off(x, k), _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
 }
 /* Q4_0: the 16 bytes go to both halves; masking the low half with 0x0f and the high half with 0xf0
  * gives the nibbles of elements 0-15 and 16 times those of 16-31, all unsigned, without a shift or
  * lane insert. off supplies the "- 8" (times 16 in the high lanes). */
-static inline __m256i q4_block_int(const pi_block_q4_0 *b, const pi_xq *x, int64_t k) {
+static inline __m256i q4_w_int(const pi_block_q4_0 *b) {
     const __m256i nib = _mm256_setr_epi64x(0x0f0f0f0f0f0f0f0fll, 0x0f0f0f0f0f0f0f0fll,
                                            (long long)0xf0f0f0f0f0f0f0f0ull, (long long)0xf0f0f0f0f0f0f0f0ull);
-    const __m256i w = _mm256_and_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b->qs)), nib);
-    const __m256i init = _mm256_loadu_si256((const __m256i *)(x->off + 8 * k));
-    return _mm256_dpbusd_epi32(init, w, _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k)));
+    return _mm256_and_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b->qs)), nib);
 }
 
+#define Q8_LANES _mm256_set1_ps(1.0f)
+#define Q4_LANES _mm256_setr_ps(1, 1, 1, 1, 0.0625f, 0.0625f, 0.0625f, 0.0625f)
+
 static float dot_q8_0(const void *row, const void *xv, int64_t n, const void *pf) {
-    const pi_block_q8_0 *b = (const pi_block_q8_0 *)row;
-    QDOT_BODY(q8_block_int, PI_BLOCK_BYTES_Q8_0, _mm256_set1_ps(1.0f))
+    QDOT_BODY(pi_block_q8_0, q8_w_int, q8_x_init, PI_BLOCK_BYTES_Q8_0, Q8_LANES)
 }
 static float dot_q4_0(const void *row, const void *xv, int64_t n, const void *pf) {
-    const pi_block_q4_0 *b = (const pi_block_q4_0 *)row;
-    QDOT_BODY(q4_block_int, PI_BLOCK_BYTES_Q4_0, _mm256_setr_ps(1, 1, 1, 1, 0.0625f, 0.0625f, 0.0625f, 0.0625f))
+    QDOT_BODY(pi_block_q4_0, q4_w_int, x_off, PI_BLOCK_BYTES_Q4_0, Q4_LANES)
 }
+static void dot4_q8_0(const void *const *rows, const void *xv, int64_t n, float *out, const void *const *pf) {
+    QDOT4_BODY(pi_block_q8_0, q8_w_int, q8_x_init, PI_BLOCK_BYTES_Q8_0, Q8_LANES)
+}
+static void dot4_q4_0(const void *const *rows, const void *xv, int64_t n, float *out, const void *const *pf) {
+    QDOT4_BODY(pi_block_q4_0, q4_w_int, x_off, PI_BLOCK_BYTES_Q4_0, Q4_LANES)
+}
+PI_DOT4_BY_ONE(dot4_f32, dot_f32)
+PI_DOT4_BY_ONE(dot4_f16, dot_f16)
+PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 
 /* ---- y += sum_r a[r] * rows[r]: a tile of y stays in registers while every row adds into it, so y
  * is loaded and stored once per call instead of once per row. Each element sees the rows in order.
@@ -268,6 +319,7 @@ static void to_f32_q4_0(const void *row, float *out, int64_t n) {
 const pi_kernel_table pi_kernels_avx512 = {
     "avx512",
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
+    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0},
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
     quantize_x,

@@ -184,31 +184,51 @@ static inline const uint8_t *row_ptr(const pi_matrix *m, int64_t r) {
 
 static int64_t pf_rows_ahead(int64_t row_bytes) {
     int64_t d = (PF_BYTES + row_bytes - 1) / row_bytes;
-    return d < 1 ? 1 : d > 16 ? 16 : d;
+    return d < 1 ? 1 : d > 64 ? 64 : d;
 }
 
 /* Dynamic work split in chunks, each thread claiming its next chunk one ahead, so that it knows which
- * rows it reads next and can prefetch across its chunk boundaries (not into rows another thread takes). */
+ * rows it reads next and can prefetch across its chunk boundaries (not into rows another thread takes).
+ * Fixed chunks (guide 0), or guided ones: each claim takes 1/guide of what is left, at least `chunk`
+ * items, so long runs come first and the last ones are short: threads finish together. */
 typedef struct {
     _Atomic int64_t *next;
-    int64_t n, chunk;
-    int64_t cur, cur_end, nxt; /* current chunk [cur, cur_end), next claimed chunk start (>= n: none) */
+    int64_t n, chunk, guide;
+    int64_t cur, cur_end; /* current chunk [cur, cur_end) */
+    int64_t nxt, nxt_end; /* the next chunk this thread claimed (nxt >= n: none) */
 } chunk_iter;
 
-static void chunks_start(chunk_iter *it, _Atomic int64_t *next, int64_t n, int64_t chunk) {
+static void chunks_claim(chunk_iter *it) {
+    if (!it->guide) {
+        it->nxt = atomic_fetch_add(it->next, it->chunk);
+        it->nxt_end = it->nxt + it->chunk < it->n ? it->nxt + it->chunk : it->n;
+        return;
+    }
+    int64_t s = atomic_load(it->next), len;
+    do {
+        if (s >= it->n) { it->nxt = it->nxt_end = s; return; }
+        len = (it->n - s) / it->guide & ~(int64_t)3; /* groups of 4 rows stay whole */
+        if (len < it->chunk) len = it->chunk;
+    } while (!atomic_compare_exchange_weak(it->next, &s, s + len));
+    it->nxt = s;
+    it->nxt_end = s + len < it->n ? s + len : it->n;
+}
+
+static void chunks_start(chunk_iter *it, _Atomic int64_t *next, int64_t n, int64_t chunk, int64_t guide) {
     it->next = next;
     it->n = n;
     it->chunk = chunk;
+    it->guide = guide;
     it->cur_end = 0;
-    it->nxt = atomic_fetch_add(next, chunk);
+    chunks_claim(it);
 }
 
 /* the next chunk [*r0, *r1) of this thread; 0 when the work is done */
 static int chunks_next(chunk_iter *it, int64_t *r0, int64_t *r1) {
     it->cur = it->nxt;
     if (it->cur >= it->n) return 0;
-    it->cur_end = it->cur + it->chunk < it->n ? it->cur + it->chunk : it->n;
-    it->nxt = atomic_fetch_add(it->next, it->chunk);
+    it->cur_end = it->nxt_end;
+    chunks_claim(it);
     *r0 = it->cur;
     *r1 = it->cur_end;
     return 1;
@@ -220,7 +240,7 @@ static int64_t chunks_ahead(const chunk_iter *it, int64_t r, int64_t d) {
     if (t < it->cur_end) return t;
     if (it->nxt >= it->n) return -1;
     t = it->nxt + (t - it->cur_end);
-    return t < it->n && t < it->nxt + it->chunk ? t : -1;
+    return t < it->nxt_end ? t : -1;
 }
 
 /* Activations of every token quantized once per call for Q8_0 / Q4_0 rows (pi_xq) */
@@ -270,7 +290,8 @@ typedef struct {
     const pi_xq *xq;     /* [n_tok] for quantized weight types, else NULL */
     int64_t n_tok;
     float *y;            /* [n_tok, n_out] */
-    int64_t chunk;       /* rows claimed at a time */
+    int64_t chunk;       /* rows claimed at a time (the least, when guided) */
+    int64_t guide;       /* 0: fixed chunks; else guided (chunks_claim) */
     _Atomic int64_t next;
     _Atomic int err;
 } rows_ctx;
@@ -285,22 +306,36 @@ static void rows_task(void *p, int tid, int nth) {
     const int64_t cols = c->W->cols, T = c->n_tok;
     const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->W->type, cols));
     const pi_dot_fn dot = c->k->dot[slot];
+    const pi_dot4_fn dot4 = c->k->dot4[slot];
 #define ROW(r) row_ptr(c->W, c->idx ? c->idx[r] : (r))
+#define AHEAD(r) (t == 0 ? chunks_ahead(&it, (r), ahead) : -1)
     chunk_iter it;
-    chunks_start(&it, &c->next, c->n_out, c->chunk);
+    chunks_start(&it, &c->next, c->n_out, c->chunk, c->guide);
     int64_t r0, r1;
     while (chunks_next(&it, &r0, &r1)) {
         /* token by token over the chunk: its rows come from DRAM once (prefetched on the first pass)
-         * and stay in cache for the other tokens, whose activations are read once per chunk */
+         * and stay in cache for the other tokens, whose activations are read once per chunk. Rows go
+         * four at a time (dot4: the same results as one at a time). */
         for (int64_t t = 0; t < T; t++) {
             const void *xt = c->xq ? (const void *)&c->xq[t] : (const void *)(c->x + t * cols);
             float *yt = c->y + t * c->n_out;
-            for (int64_t r = r0; r < r1; r++) {
-                const int64_t ra = t == 0 ? chunks_ahead(&it, r, ahead) : -1;
+            int64_t r = r0;
+            for (; r + 4 <= r1; r += 4) {
+                const void *rows[4], *pf[4];
+                for (int j = 0; j < 4; j++) {
+                    const int64_t ra = AHEAD(r + j);
+                    rows[j] = ROW(r + j);
+                    pf[j] = ra >= 0 ? ROW(ra) : NULL;
+                }
+                dot4(rows, xt, cols, yt + r, pf);
+            }
+            for (; r < r1; r++) {
+                const int64_t ra = AHEAD(r);
                 yt[r] = dot(ROW(r), xt, cols, ra >= 0 ? ROW(ra) : NULL);
             }
         }
     }
+#undef AHEAD
 #undef ROW
 }
 
@@ -314,12 +349,14 @@ static int run_rows(const pi_matrix *W, const int32_t *idx, int64_t n_out, const
         if (rc) return rc;
     }
     int nth = pi_pool_resolve_threads(n_threads);
-    /* A dense matrix is split in long contiguous runs (about 8 per thread, still enough to balance):
-     * each thread then streams its run and the hardware prefetcher stays locked on. Scattered rows keep
-     * short chunks: their prefetch comes from the index list. */
+    /* A dense matrix is split in long contiguous runs, guided: each thread streams a long run first
+     * (the hardware prefetcher stays locked on) and the runs shrink towards the end, so the threads
+     * finish within a short chunk of each other. Scattered rows keep short fixed chunks: their
+     * prefetch comes from the index list. */
+    const int64_t guide = idx ? 0 : 2 * nth;
     int64_t chunk = ROWS_CHUNK;
-    if (!idx && n_out / (8 * nth) > chunk) chunk = n_out / (8 * nth);
-    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, chunk, 0, PI_OK};
+    if (!idx && !guide && n_out / (8 * nth) > chunk) chunk = n_out / (8 * nth) & ~(int64_t)3;
+    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, chunk, guide, 0, PI_OK};
     int64_t chunks = (n_out + ROWS_CHUNK - 1) / ROWS_CHUNK;
     if (nth > chunks) nth = (int)chunks;
     pi_pool_run(rows_task, &c, nth);
@@ -486,78 +523,117 @@ static inline float act_gate(int32_t act, float g) {
 
 typedef struct {
     const pi_kernel_table *k;
-    const pi_matrix *first;   /* gate, or up for the ungated PI_ACT_RELU / PI_ACT_GELU */
-    const pi_matrix *up;      /* NULL when ungated */
+    const pi_matrix *m;       /* the matrix this phase reads: gate (or up, ungated), then up */
     int32_t act;
-    const int32_t *idx;
+    const int32_t *idx;       /* [n_idx] the listed neurons */
     int64_t n_idx;
+    const int64_t *pos;       /* phase 2: [n_rows] positions in idx of the neurons that fired; phase 1: NULL */
+    int64_t n_rows;           /* rows this phase reads: n_idx, or the fired ones */
     const float *x;
-    const pi_xq *xq;          /* [n_tok] if gate or up is quantized, else NULL */
+    const pi_xq *xq;          /* [n_tok] if the matrix is quantized, else NULL */
     int64_t n_tok;
     float skip_threshold;
     float *h;                 /* [n_tok, n_idx] */
-    uint8_t *keep;            /* [n_idx] */
+    uint8_t *keep;            /* [n_idx]: some token's h is nonzero */
     _Atomic int64_t next;
-    _Atomic int err;
 } ffn_ctx;
 
 #define FFN_CHUNK 16
+#define PI_FFN_GROUP_TOKENS 16 /* tokens per slice of a row group (stack buffers) */
 
-/* w . x[t] for every token of a row of matrix m (slot s), the row read from DRAM once (prefetching
- * pf on the way) and from cache for the other tokens; tokens with skip[t] == 0 are left out */
-static void ffn_row_dots(const ffn_ctx *c, const pi_matrix *m, int s, const uint8_t *w, const void *pf, float *out,
-                         const float *skip) {
+/* out[t * stride + j] = rows[j] . x[t] for the n (<= 4) rows of one group (matrix slot s), for tokens
+ * with want[t * stride + j] != 0 (want NULL: every token). The rows come from DRAM once, prefetching pf
+ * on the way, and from cache for the other tokens. Four rows that every token needs go through dot4. */
+static void ffn_group_dots(const ffn_ctx *c, int s, const void *const *rows, const void *const *pf, int n,
+                           const float *want, float *out, int64_t stride) {
+    const int64_t cols = c->m->cols;
     for (int64_t t = 0; t < c->n_tok; t++) {
-        if (skip && skip[t] == 0.0f) continue;
-        const void *xt = pi_slot_is_quant(s) ? (const void *)&c->xq[t] : (const void *)(c->x + t * m->cols);
-        out[t] = c->k->dot[s](w, xt, m->cols, t == 0 ? pf : NULL);
+        const void *xt = pi_slot_is_quant(s) ? (const void *)&c->xq[t] : (const void *)(c->x + t * cols);
+        const void *const *pft = t == 0 ? pf : NULL;
+        int all = n == 4;
+        for (int j = 0; j < n && all && want; j++) all = want[t * stride + j] != 0.0f;
+        if (all) {
+            float o[4];
+            c->k->dot4[s](rows, xt, cols, o, pft);
+            for (int j = 0; j < 4; j++) out[t * stride + j] = o[j];
+            continue;
+        }
+        for (int j = 0; j < n; j++)
+            if (!want || want[t * stride + j] != 0.0f) out[t * stride + j] = c->k->dot[s](rows[j], xt, cols, pft ? pft[j] : NULL);
     }
 }
 
-/* phase 1: per listed neuron, the activation for every token; rows of `up` (and later `down`) are
- * only read for neurons whose gate fires for some token */
-static void ffn_hidden_task(void *p, int tid, int nth) {
+/* Both phases walk their rows in chunks, four rows at a time, prefetching the rows `ahead` places on.
+ * Phase 1 (pos NULL): gate . x for every listed neuron and token, through the activation and the skip
+ * cut, into h; keep[k] says whether it fired for some token. Phase 2 (gated FFNs): up . x for the
+ * neurons that fired, only for the tokens they fired for, multiplied into h. Splitting the two lets the
+ * up rows, known only once the gate has fired, stream with a prefetch ahead like the gate rows do. */
+static void ffn_phase_task(void *p, int tid, int nth) {
     (void)tid; (void)nth;
     ffn_ctx *c = (ffn_ctx *)p;
-    const int64_t cols = c->first->cols, T = c->n_tok;
-    const int s1 = pi_type_slot(c->first->type), s2 = c->up ? pi_type_slot(c->up->type) : 0;
-    const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->first->type, cols));
-    float *a = malloc((size_t)T * sizeof(float));
-    float *u = malloc((size_t)T * sizeof(float));
-    if (!a || !u) {
-        free(a); free(u);
-        atomic_store(&c->err, PI_ERR_NOMEM);
-        return;
-    }
+    const int64_t T = c->n_tok, n_idx = c->n_idx;
+    const int s = pi_type_slot(c->m->type);
+    const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->m->type, c->m->cols));
+#define NEURON(r) (c->pos ? c->idx[c->pos[r]] : c->idx[r])
+#define POS(r) (c->pos ? c->pos[r] : (r))
     chunk_iter it;
-    chunks_start(&it, &c->next, c->n_idx, FFN_CHUNK);
-    int64_t k0, k1;
-    while (chunks_next(&it, &k0, &k1)) {
-        for (int64_t k = k0; k < k1; k++) {
-            const int64_t i = c->idx[k], ka = chunks_ahead(&it, k, ahead);
-            const void *pf = ka >= 0 ? row_ptr(c->first, c->idx[ka]) : NULL;
-            int fires = 0;
-            ffn_row_dots(c, c->first, s1, row_ptr(c->first, i), pf, a, NULL);
-            for (int64_t t = 0; t < T; t++) {
-                a[t] = act_gate(c->act, a[t]);
-                if (fabsf(a[t]) <= c->skip_threshold) a[t] = 0.0f;
-                else fires = 1;
+    chunks_start(&it, &c->next, c->n_rows, FFN_CHUNK, 0);
+    int64_t r0, r1;
+    while (chunks_next(&it, &r0, &r1)) {
+        for (int64_t g = r0; g < r1; g += 4) {
+            const int n = (int)(r1 - g < 4 ? r1 - g : 4);
+            const void *rows[4], *pf[4];
+            float v[4 * PI_FFN_GROUP_TOKENS], want[4 * PI_FFN_GROUP_TOKENS];
+            for (int j = 0; j < n; j++) {
+                const int64_t ra = chunks_ahead(&it, g + j, ahead);
+                rows[j] = row_ptr(c->m, NEURON(g + j));
+                pf[j] = ra >= 0 ? row_ptr(c->m, NEURON(ra)) : NULL;
             }
-            int nonzero = 0;
-            if (fires && c->up) {
-                ffn_row_dots(c, c->up, s2, row_ptr(c->up, i), NULL, u, a);
-                for (int64_t t = 0; t < T; t++)
-                    if (a[t] != 0.0f) a[t] *= c->act == PI_ACT_DRELU ? (u[t] > 0.0f ? u[t] : 0.0f) : u[t];
+            /* tokens in slices that fit the stack buffers (a batch of any size) */
+            for (int64_t t0 = 0; t0 < T; t0 += PI_FFN_GROUP_TOKENS) {
+                const int64_t nt = T - t0 < PI_FFN_GROUP_TOKENS ? T - t0 : PI_FFN_GROUP_TOKENS;
+                ffn_ctx sub = *c; /* the same phase over tokens t0 .. t0 + nt (x / xq offset) */
+                sub.n_tok = nt;
+                sub.x = c->x + t0 * c->m->cols;
+                sub.xq = c->xq ? c->xq + t0 : NULL;
+                if (c->pos) /* phase 2 computes up where the gate fired: h nonzero */
+                    for (int64_t t = 0; t < nt; t++)
+                        for (int j = 0; j < n; j++) want[t * 4 + j] = c->h[(t0 + t) * n_idx + POS(g + j)];
+                ffn_group_dots(&sub, s, rows, t0 == 0 ? pf : NULL, n, c->pos ? want : NULL, v, 4);
+                for (int j = 0; j < n; j++) {
+                    const int64_t k = POS(g + j);
+                    for (int64_t t = 0; t < nt; t++) {
+                        float *hk = &c->h[(t0 + t) * n_idx + k];
+                        if (!c->pos) { /* phase 1: the activation, cut */
+                            float a = act_gate(c->act, v[t * 4 + j]);
+                            *hk = fabsf(a) <= c->skip_threshold ? 0.0f : a;
+                        } else if (*hk != 0.0f) { /* phase 2: times up */
+                            const float u = v[t * 4 + j];
+                            *hk *= c->act == PI_ACT_DRELU ? (u > 0.0f ? u : 0.0f) : u;
+                        }
+                    }
+                }
             }
-            for (int64_t t = 0; t < T; t++) {
-                c->h[t * c->n_idx + k] = a[t];
-                nonzero |= a[t] != 0.0f;
+            for (int j = 0; j < n; j++) {
+                const int64_t k = POS(g + j);
+                int nonzero = 0;
+                for (int64_t t = 0; t < T && !nonzero; t++) nonzero = c->h[t * n_idx + k] != 0.0f;
+                c->keep[k] = (uint8_t)nonzero;
             }
-            c->keep[k] = (uint8_t)nonzero;
         }
     }
-    free(a);
-    free(u);
+#undef POS
+#undef NEURON
+}
+
+static void ffn_run_phase(ffn_ctx *c, const pi_matrix *m, const int64_t *pos, int64_t n_rows, int nth) {
+    if (n_rows == 0) return;
+    c->m = m;
+    c->pos = pos;
+    c->n_rows = n_rows;
+    atomic_store(&c->next, 0);
+    const int64_t chunks = (n_rows + FFN_CHUNK - 1) / FFN_CHUNK;
+    pi_pool_run(ffn_phase_task, c, nth > chunks ? (int)chunks : nth);
 }
 
 int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t, int32_t act,
@@ -585,21 +661,25 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
     const pi_kernel_table *k = K();
     float *h = malloc((size_t)hsize * sizeof(float));
     uint8_t *keep = malloc((size_t)n_idx);
+    int64_t *fired = malloc((size_t)n_idx * sizeof(int64_t));
     int32_t *kidx = malloc((size_t)n_idx * sizeof(int32_t));
     float *kh = malloc((size_t)hsize * sizeof(float));
     xq_buf xq = {NULL, NULL};
-    if (!h || !keep || !kidx || !kh) { rc = PI_ERR_NOMEM; goto done; }
+    if (!h || !keep || !fired || !kidx || !kh) { rc = PI_ERR_NOMEM; goto done; }
     if (pi_slot_is_quant(pi_type_slot(up->type)) || (gated && pi_slot_is_quant(pi_type_slot(gate->type))))
         if ((rc = xq_prepare(k, x, n_tok, n_embd, &xq))) goto done;
 
-    ffn_ctx c = {k, gated ? gate : up, gated ? up : NULL, act, idx, n_idx, x, xq.tok, n_tok, skip_threshold,
-                 h, keep, 0, PI_OK};
-    int nth = pi_pool_resolve_threads(n_threads);
-    int64_t chunks = (n_idx + FFN_CHUNK - 1) / FFN_CHUNK;
-    pi_pool_run(ffn_hidden_task, &c, nth > chunks ? (int)chunks : nth);
-    if ((rc = atomic_load(&c.err))) goto done;
+    ffn_ctx c = {k, NULL, act, idx, n_idx, NULL, 0, x, xq.tok, n_tok, skip_threshold, h, keep, 0};
+    const int nth = pi_pool_resolve_threads(n_threads);
+    ffn_run_phase(&c, gated ? gate : up, NULL, n_idx, nth);
+    if (gated) { /* up rows only for the neurons whose gate fired */
+        int64_t n_fired = 0;
+        for (int64_t j = 0; j < n_idx; j++)
+            if (keep[j]) fired[n_fired++] = j;
+        ffn_run_phase(&c, up, fired, n_fired, nth);
+    }
 
-    /* compact to the neurons that fired: their down rows are the only ones read */
+    /* compact to the neurons with a nonzero h: their down rows are the only ones read */
     int64_t n_keep = 0;
     for (int64_t j = 0; j < n_idx; j++) {
         if (!keep[j]) continue;
@@ -611,7 +691,7 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
     rc = run_axpy(down_t, kidx, n_keep, kh, n_idx, n_tok, y, n_threads);
 done:
     xq_free(&xq);
-    free(h); free(keep); free(kidx); free(kh);
+    free(h); free(keep); free(fired); free(kidx); free(kh);
     return rc;
 }
 
