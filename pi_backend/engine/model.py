@@ -288,8 +288,8 @@ class Model:
             v = native.gemm(lw.wv, h, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
             native.rope(q, pos, cfg.rope_dim, cfg.rope_freq_base)
             native.rope(k, pos, cfg.rope_dim, cfg.rope_freq_base)
-            st.k[li, pos] = k
-            st.v[li, pos] = v
+            st.k[li, st.n_past : st.n_past + T] = k  # a slice, not pos: basic indexing is the cheap path
+            st.v[li, st.n_past : st.n_past + T] = v
             att = self._attention(q, st.k[li, : st.n_past + T], st.v[li, : st.n_past + T], st.n_past)
             x = x + native.gemm(lw.wo, att, n_threads=nt)
             ffn_in = native.rmsnorm(x, lw.ffn_norm, cfg.norm_eps)

@@ -28,6 +28,7 @@ ACTIVATIONS = {
 UNGATED_ACTIVATIONS = ("relu", "gelu")  # h = act(up . x): no gate matrix
 ISAS = {"scalar": lib.PI_ISA_SCALAR, "avx2": lib.PI_ISA_AVX2, "avx512": lib.PI_ISA_AVX512}
 BLOCK_SIZE = {TYPE_Q8_0: lib.PI_QK8_0, TYPE_Q4_0: lib.PI_QK4_0}
+_MAX_THREADS = lib.PI_MAX_THREADS
 # the numpy dtype a plain (unquantized) type is viewed as
 _PLAIN_DTYPES = {TYPE_F32: np.dtype(np.float32), TYPE_F16: np.dtype(np.float16), TYPE_BF16: np.dtype(np.uint16)}
 
@@ -163,17 +164,23 @@ class Matrix:
         return f"Matrix({self.rows}x{self.cols} {self.type_name})"
 
 
+_DTYPES: dict = {}  # dtype spec -> tuple of np.dtype (np.dtype() per call costs a decode step ~50 us)
+
+
 def _require(a, name: str, dtypes, ndim=None, writable=False) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
-    if a.dtype not in [np.dtype(d) for d in dtypes]:
-        raise TypeError(f"{name}: expected dtype {'/'.join(np.dtype(d).name for d in dtypes)}, got {a.dtype}")
+    allowed = _DTYPES.get(dtypes)
+    if allowed is None:
+        allowed = _DTYPES[dtypes] = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, tuple) else (dtypes,)))
+    if a.dtype not in allowed:
+        raise TypeError(f"{name}: expected dtype {'/'.join(d.name for d in allowed)}, got {a.dtype}")
     if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name}: expected {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
+    flags = a.flags
+    if not flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
-    if writable and not a.flags.writeable:
+    if writable and not flags.writeable:
         raise ValueError(f"{name}: must be writable")
     return a
 
@@ -213,10 +220,12 @@ def _matrix(m, name: str) -> Matrix:
 
 
 def _f(a: np.ndarray, ctype: str = "float *"):
-    return ffi.cast(ctype, ffi.from_buffer(a)) if a.size else ffi.NULL
+    return ffi.from_buffer(ctype, a) if a.size else ffi.NULL
 
 
 def _threads(n_threads: int) -> int:
+    if type(n_threads) is int and 0 <= n_threads <= _MAX_THREADS:  # the common case, checked cheaply
+        return n_threads
     if not isinstance(n_threads, (int, np.integer)) or not 0 <= n_threads <= lib.PI_MAX_THREADS:
         raise ValueError(f"n_threads: must be an int in [0, {lib.PI_MAX_THREADS}] (0 = default), got {n_threads!r}")
     return int(n_threads)
