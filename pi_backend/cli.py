@@ -28,6 +28,8 @@ def _engine_options(args) -> dict:
     for flag in ("reset_gpu_index", "disable_gpu_index"):
         if getattr(args, flag, False):
             opts[flag] = True
+    if getattr(args, "no_mmap", False):
+        opts["use_mmap"] = False
     return opts
 
 
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reset-gpu-index", action="store_true", help="re-solve the placement, ignoring its cache")
     g.add_argument("--disable-gpu-index", action="store_true", help="no FFN split: only dense blocks offloaded")
     g.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the hot partition runs (default auto)")
+    g.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into private memory instead of mapping the file (as llama.cpp's "
+                        "--no-mmap): faster decode of quantized models here, but the RAM cannot be reclaimed")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)

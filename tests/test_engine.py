@@ -88,6 +88,15 @@ def test_oracle_sparse_equals_dense_on_relu_model(relu_model):
     assert all(f.stats.computed_fraction > 0.9 for f in dense.ffn)
 
 
+def test_no_mmap_load_computes_the_same_logits(relu_model):
+    """use_mmap=False (--no-mmap) changes where the weights live, nothing else."""
+    tokens = [1, 450, 4996, 17354, 1701]
+    mapped = pi_backend.load(relu_model.path)
+    copied = pi_backend.load(relu_model.path, use_mmap=False)
+    np.testing.assert_array_equal(copied.forward(tokens, all_logits=True), mapped.forward(tokens, all_logits=True))
+    np.testing.assert_array_equal(copied.forward([29916]), mapped.forward([29916]))
+
+
 def test_ffn_changes_the_output(relu_model):
     """Guard against fixtures in which a wrong FFN would go unnoticed."""
     m = pi_backend.load(relu_model.path, mode="dense")

@@ -161,6 +161,30 @@ def test_views_are_zero_copy_read_only_and_share_one_mapping(reference_file):
         gguf.tensors["t.f32"].raw
 
 
+def test_read_into_memory_gives_the_same_bytes_from_a_private_copy(reference_file):
+    """--no-mmap: views taken after read_into_memory() hold the same bytes, from one in-memory copy."""
+    with GGUFFile.open(reference_file) as mapped, GGUFFile.open(reference_file) as copied:
+        copied.read_into_memory(chunk_bytes=100)  # many short reads
+        for name in mapped.tensors:
+            a, b = mapped.tensors[name].raw, copied.tensors[name].raw
+            np.testing.assert_array_equal(a, b)
+            assert not b.flags.writeable
+            base = b
+            while getattr(base, "base", None) is not None:
+                base = base.base
+            assert not isinstance(base, np.memmap)
+
+
+def test_read_into_memory_of_a_file_that_shrank(tmp_path, reference_file):
+    path = tmp_path / "shrinks.gguf"
+    path.write_bytes(reference_file.read_bytes())
+    gguf = GGUFFile.open(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(GGUFError, match="shrank"):
+        gguf.read_into_memory()
+
+
 def test_powerinfer_magic(tmp_path):
     tensors = {"w": np.arange(8, dtype=np.float32).reshape(2, 4)}
     plain = write_gguf(tmp_path / "plain.gguf", "llama", {"a.b": 1}, tensors)

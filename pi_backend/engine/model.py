@@ -44,6 +44,7 @@ class EngineOptions:
     overlap: bool = True               # CPU stand-in: run the hot partition concurrently with the cold one
     hot_threads: int = 1               # threads of the CPU stand-in (the cold partition gets the rest)
     placement_cost: CostModel | None = None  # the placement's cost model (default: GPU, or the CPU stand-in)
+    use_mmap: bool = True              # False: weights read into private memory (llama.cpp's --no-mmap)
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -101,8 +102,11 @@ class Model:
         self.options = EngineOptions(**options)
         self.path = os.fspath(path)
         self.gguf = GGUFFile.open(self.path)
-        self.gguf.prefetch()
         try:
+            if self.options.use_mmap:
+                self.gguf.prefetch()
+            else:
+                self.gguf.read_into_memory()
             self.config = ModelConfig.from_gguf(self.gguf, ffn_act=self.options.ffn_act)
             self.weights: Weights = load_weights(self.gguf, self.config)
         except Exception:
