@@ -265,6 +265,20 @@ def test_predictor_matches_numpy(isa, wtype, n_tok):
         assert np.all(np.diff(got) > 0)
 
 
+def test_predictor_batch_is_the_union_even_past_a_nan_token(isa):
+    """A batch lists a neuron when any token's logit reaches the threshold; a token whose logits are NaN
+    (an overflowed activation) lists nothing and must not hide the other tokens' neurons."""
+    rng = np.random.default_rng(22)
+    fc1, _ = make_matrix(rng, 32, 64, native.TYPE_F32, 0.3)
+    fc2, _ = make_matrix(rng, 300, 32, native.TYPE_F32, 0.3)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[1, 5] = np.nan
+    union = set(native.predict(fc1, fc2, x[[0]], 0.2)) | set(native.predict(fc1, fc2, x[[2]], 0.2))
+    assert native.predict(fc1, fc2, x[[1]], 0.2).size == 0
+    assert list(native.predict(fc1, fc2, x, 0.2)) == sorted(union)
+    assert list(native.predict(fc1, fc2, x[[1, 0, 2]], 0.2)) == sorted(union)
+
+
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
 def test_results_do_not_depend_on_thread_count(isa, wtype):
     rng = np.random.default_rng(5)
