@@ -9,13 +9,15 @@ side by side in this run, and compare with the stored baseline.
 Only ratios are tracked, never absolute times: these machines are shared and noisy, but two
 measurements taken in the same run move together. A tracked ratio fails when it drops more than
 --tolerance (default 25%) below its baseline; keys starting with "info." are reported, not tracked. Each suite module defines `metrics(median, bytes_of)`
-and optionally `GOALS` (the issue's targets, reported alongside).
+(or `metrics(median, bytes_of, extra)` to read what a benchmark recorded, e.g. per-round times of
+engines run in alternation) and optionally `GOALS` (the issue's targets, reported alongside).
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
 import importlib
+import inspect
 import json
 import pathlib
 import subprocess
@@ -54,7 +56,15 @@ def suite_metrics(module: str, results: dict) -> tuple[dict[str, float], dict[st
     def bytes_of(name: str) -> float:
         return float(by_name[name]["extra_info"]["bytes"])
 
+    def extra(name: str) -> dict:
+        """What a benchmark recorded beside its timing (e.g. per-round times of an interleaved run)."""
+        if name not in by_name:
+            raise KeyError(f"benchmark {name!r} missing from the run")
+        return by_name[name]["extra_info"]
+
     mod = importlib.import_module(f"ci.{module}")
+    if len(inspect.signature(mod.metrics).parameters) == 3:
+        return mod.metrics(median, bytes_of, extra), getattr(mod, "GOALS", {})
     return mod.metrics(median, bytes_of), getattr(mod, "GOALS", {})
 
 

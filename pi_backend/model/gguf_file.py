@@ -210,9 +210,9 @@ class GGUFFile:
         """Back every tensor view handed out from now on by one private in-memory copy of the file
         instead of the shared mapping (llama.cpp's --no-mmap). The copy is anonymous memory, which
         numpy advises as huge pages; the file's page cache is dropped afterwards, so the model is
-        still in RAM once. Why: on the VMs measured here, kernels stream anonymous memory faster than
-        page-cache pages mapped from a file (Q4_0 decode ~12-15% faster, see ci/bench_engine.py); the
-        price is that the weights are private memory the kernel can no longer evict. Call it before
+        still in RAM once. Why: on the VMs measured here, a page cache filled hours before streamed
+        slower than fresh memory (Q4_0 decode 10-15%; no difference on pages just read); the price is
+        that the weights are private memory the kernel can no longer evict. Call it before
         taking tensor views: views taken earlier keep pointing into the mapping."""
         if self._mm is None:
             raise self._error("file is closed")
