@@ -19,6 +19,7 @@ import fnmatch
 import importlib
 import inspect
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -38,7 +39,11 @@ def run_suite(module: str, extra: list[str]) -> dict:
         cmd = [sys.executable, "-m", "pytest", str(CI / f"{module}.py"), "-q", "-p", "no:cacheprovider",
                "--benchmark-only", f"--benchmark-json={out}", "--benchmark-columns=median,min,rounds", *extra]
         print("+", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
+        # numpy's BLAS (OpenBLAS) threads spin ~0.1 s after each call before they sleep: on these 2-core
+        # machines they would take the cores from whatever is timed next (the yardstick runs between
+        # kernels). 2^4 cycles of spinning, then they park.
+        env = {**os.environ, "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         if rc not in (0, 5):  # 5: nothing collected
             raise SystemExit(f"benchmark suite {module} failed (pytest exit {rc})")
         # every benchmark skipped (the GPU suites without a GPU): pytest-benchmark writes no file
