@@ -93,6 +93,11 @@ def test_backend_keyword_selects_pi_backend(files, pi_dense, stock):
     with pytest.raises(ValueError, match="does not exist"):
         _pi(files["silu"] + ".missing")
     assert _pi(files["silu"], n_ctx=0).n_ctx() == 512  # 0: the model's training context, as stock
+    # use_mmap is llama.cpp's own option: both backends take it, ours reads the weights into memory
+    in_memory = _pi(files["silu"], mode="dense", use_mmap=False)
+    assert in_memory._pi.options.use_mmap is False and pi_dense._pi.options.use_mmap is True
+    assert in_memory.tokenize(b"Hello") == pi_dense.tokenize(b"Hello")
+    assert type(_stock(files["silu"], use_mmap=False)) is llama_cpp.Llama
 
 
 def test_verbose_timings_and_context_overflow(files, capsys):

@@ -43,10 +43,12 @@ from llama_cpp.llama import LlamaState
 BACKEND = "powerinfer"
 STOCK_BACKENDS = ("llama.cpp", "llama_cpp", "llamacpp")
 POWERINFER_BACKENDS = ("powerinfer", "pi_backend")
-# pi_backend engine options accepted as keyword arguments (besides n_ctx / n_threads, shared with stock);
+# pi_backend engine options accepted as keyword arguments (besides SHARED_OPTIONS, which stock takes too);
 # engine_options() adds whatever else pi_backend.engine.model.EngineOptions grows
 ENGINE_OPTIONS = ("mode", "threshold", "thresholds", "vram_budget", "hot_neurons", "ffn_act", "activation_dir",
                   "reset_gpu_index", "disable_gpu_index", "device", "overlap", "hot_threads", "placement_cost")
+# Llama(...) arguments both backends understand: taken by the engine too, never refused for stock llama.cpp
+SHARED_OPTIONS = ("n_ctx", "n_threads", "use_mmap")
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of 256; so do we, to report the same n_ctx()
 STATE_MAGIC = b"PIKV"
 STATE_VERSION = 1
@@ -92,10 +94,11 @@ def resolve_backend(kwargs: dict) -> str:
 
 @functools.lru_cache(maxsize=None)
 def engine_options() -> tuple[str, ...]:
-    """Every pi_backend engine option a Llama(...) call may pass (EngineOptions' fields but n_ctx/n_threads)."""
+    """Every pi_backend engine option a Llama(...) call may pass (EngineOptions' fields but the shared
+    n_ctx / n_threads / use_mmap)."""
     from pi_backend.engine.model import EngineOptions
 
-    names = [f.name for f in dataclasses.fields(EngineOptions) if f.name not in ("n_ctx", "n_threads")]
+    names = [f.name for f in dataclasses.fields(EngineOptions) if f.name not in SHARED_OPTIONS]
     return tuple(dict.fromkeys([*ENGINE_OPTIONS, *names]))
 
 
@@ -227,7 +230,8 @@ class PowerInferLlama(llama_cpp.Llama):
     Takes every `llama_cpp.Llama` argument, plus pi_backend's engine options: `mode` ("sparse" |
     "oracle" | "dense" | "threshold"), `threshold`, `thresholds`, `vram_budget`, `hot_neurons`, `ffn_act`,
     and the rest of `pi_backend.engine.model.EngineOptions` (engine_options()). `n_ctx` and `n_threads`
-    size the engine's KV cache and thread pool.
+    size the engine's KV cache and thread pool; `use_mmap=False` reads the weights into memory, as it
+    does for llama.cpp.
     """
 
     backend = BACKEND
@@ -256,7 +260,8 @@ class PowerInferLlama(llama_cpp.Llama):
         n_ctx = int(kwargs.pop("n_ctx", 512))
         n_threads = kwargs.get("n_threads")
         engine = pi_backend.load(model_path, n_ctx=_ctx_size(n_ctx) if n_ctx > 0 else 1 << 30,
-                                 n_threads=int(n_threads or 0), **engine_opts)
+                                 n_threads=int(n_threads or 0), use_mmap=bool(kwargs.get("use_mmap", True)),
+                                 **engine_opts)
         if n_ctx > 0 and engine.n_ctx < n_ctx and kwargs.get("verbose", True):
             print(f"pi_backend: n_ctx {n_ctx} capped to the model's training context {engine.n_ctx}",
                   file=sys.stderr)
