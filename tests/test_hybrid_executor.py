@@ -35,7 +35,10 @@ def model(tmp_path_factory):
 
 
 def load(fm, **kw):
+    """The CPU stand-in of the hot partition, on any machine (device="cpu": with a GPU, or the emulator
+    library as PI_BACKEND_DEVICE_LIB, "auto" would put the hot partition on the device instead)."""
     kw.setdefault("placement_cost", STANDIN)
+    kw.setdefault("device", "cpu")
     return pi_backend.load(fm.path, **kw)
 
 
