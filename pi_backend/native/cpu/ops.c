@@ -354,9 +354,7 @@ static int run_rows(const pi_matrix *W, const int32_t *idx, int64_t n_out, const
      * finish within a short chunk of each other. Scattered rows keep short fixed chunks: their
      * prefetch comes from the index list. */
     const int64_t guide = idx ? 0 : 2 * nth;
-    int64_t chunk = ROWS_CHUNK;
-    if (!idx && !guide && n_out / (8 * nth) > chunk) chunk = n_out / (8 * nth) & ~(int64_t)3;
-    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, chunk, guide, 0, PI_OK};
+    rows_ctx c = {k, W, idx, n_out, x, xq.tok, n_tok, y, ROWS_CHUNK, guide, 0, PI_OK};
     int64_t chunks = (n_out + ROWS_CHUNK - 1) / ROWS_CHUNK;
     if (nth > chunks) nth = (int)chunks;
     pi_pool_run(rows_task, &c, nth);
