@@ -175,6 +175,21 @@ def test_read_into_memory_gives_the_same_bytes_from_a_private_copy(reference_fil
             assert not isinstance(base, np.memmap)
 
 
+def test_read_into_memory_without_the_memory_for_it(reference_file, monkeypatch):
+    import pi_backend.model.gguf_file as gguf_file
+
+    gguf = GGUFFile.open(reference_file)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(gguf_file.np, "empty", no_memory)
+    with pytest.raises(GGUFError, match="out of memory.*use_mmap=True"):
+        gguf.read_into_memory()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(gguf.tensors["t.f32"].raw, GGUFFile.open(reference_file).tensors["t.f32"].raw)
+
+
 def test_read_into_memory_of_a_file_that_shrank(tmp_path, reference_file):
     path = tmp_path / "shrinks.gguf"
     path.write_bytes(reference_file.read_bytes())

@@ -216,7 +216,11 @@ class GGUFFile:
         taking tensor views: views taken earlier keep pointing into the mapping."""
         if self._mm is None:
             raise self._error("file is closed")
-        data = np.empty(self.file_size, np.uint8)
+        try:
+            data = np.empty(self.file_size, np.uint8)
+        except MemoryError:
+            raise self._error(f"cannot read {self.file_size / 2**30:.1f} GiB into memory (out of memory); "
+                              "map the file instead (use_mmap=True, the default)") from None
         view = memoryview(data)
         try:
             with open(self.path, "rb", buffering=0) as f:
