@@ -739,8 +739,14 @@ int pi_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float e
     for (int64_t t = 0; t < n_tok; t++) {
         const float *xt = x + t * n;
         float *yt = y + t * n;
-        double ss = 0.0;
-        for (int64_t i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
+        /* eight partial sums in a fixed order: eight independent add chains instead of one (the
+         * latency of one chain was most of the call), the same result for any thread or ISA */
+        double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int j = 0; j < 8; j++) part[j] += (double)xt[i + j] * xt[i + j];
+        for (; i < n; i++) part[0] += (double)xt[i] * xt[i];
+        const double ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
         float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
         for (int64_t i = 0; i < n; i++) yt[i] = xt[i] * scale * w[i];
     }
