@@ -186,7 +186,7 @@ def test_decode_side_by_side(benchmark, wtype):
 
     benchmark.pedantic(rounds, rounds=1, iterations=1)
     benchmark.extra_info.update(
-        bytes=bytes_per_token(m["mmap"], True) * N_DECODE, times=times, gemv_bytes=gemv_bytes,
+        times=times, gemv_bytes=gemv_bytes,
         sparse_bytes={load: bytes_per_token(m[load], True) * N_DECODE for load in LOADS},
         dense_bytes=bytes_per_token(m["mmap"], False) * N_DECODE,
         listed=float(np.mean([f.stats.listed_fraction for f in m["mmap"].ffn])),

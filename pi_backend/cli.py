@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the hot partition runs (default auto)")
     g.add_argument("--no-mmap", action="store_true",
                    help="read the weights into private memory instead of mapping the file (as llama.cpp's "
-                        "--no-mmap): faster decode of quantized models here, but the RAM cannot be reclaimed")
+                        "--no-mmap); the RAM cannot be reclaimed")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)

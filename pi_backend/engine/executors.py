@@ -326,13 +326,18 @@ class DeviceExecutor:
         up = lambda m: None if m is None else self.dev.matrix(m)  # noqa: E731
         self._layers[layer] = (rows.local, up(rows.gate), up(rows.up), up(rows.down_t))
 
-    def _upload(self, name: str, a: np.ndarray) -> Any:
-        """a copied into the scratch buffer `name` (allocated once, grown when needed), as a view of a's shape."""
-        a = np.ascontiguousarray(a)
+    def _scratch(self, name: str, shape: tuple, dtype) -> Any:
+        """A view of shape `shape` into the scratch buffer `name` (allocated once, grown when needed)."""
+        n = int(np.prod(shape))
         arr = self._buf.get(name)
-        if arr is None or arr.size < a.size:
-            arr = self._buf[name] = self.dev.empty((max(a.size, 1),), a.dtype)
-        return arr.rows(0, a.size).reshape(a.shape).copy_from(a, self.stream)
+        if arr is None or arr.size < n:
+            arr = self._buf[name] = self.dev.empty((max(n, 1),), dtype)
+        return arr.rows(0, n).reshape(shape)
+
+    def _upload(self, name: str, a: np.ndarray) -> Any:
+        """a copied into the scratch buffer `name`."""
+        a = np.ascontiguousarray(a)
+        return self._scratch(name, a.shape, a.dtype).copy_from(a, self.stream)
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
                skip_threshold: float) -> _DeviceJob:
@@ -347,10 +352,7 @@ class DeviceExecutor:
             raise ValueError(f"idx: neuron {int(idx[loc < 0][0])} was not prepared for this executor")
         d_idx = self._upload("idx", loc.astype(np.int32))
         d_x = self._upload("x", np.asarray(x, np.float32))
-        y = self._buf.get("y")
-        if y is None or y.size < d_x.size:
-            y = self._buf["y"] = self.dev.empty((d_x.size,), np.float32)
-        d_y = self.dev.sparse_ffn(gate, up, down_t, d_x, d_idx, act=act, out=y.rows(0, d_x.size).reshape(d_x.shape),
+        d_y = self.dev.sparse_ffn(gate, up, down_t, d_x, d_idx, act=act, out=self._scratch("y", d_x.shape, np.float32),
                                   skip_threshold=skip_threshold, stream=self.stream)
         self._busy = True
         return _DeviceJob(d_y, n_tok)

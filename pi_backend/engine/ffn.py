@@ -120,7 +120,7 @@ class SparseFFN:
         ungated = self.act in native.UNGATED_ACTIVATIONS
         u = native.sparse_rows(w.up, idx, x, n_threads=n_threads)
         g = u if ungated else native.sparse_rows(w.gate, idx, x, n_threads=n_threads)
-        a = _activation(self.act, g)
+        a = gate_activation(self.act, g)
         if self.mode == "threshold":  # the kernel's cut: |act(gate)| <= threshold contributes nothing
             a[np.abs(a) <= self.threshold] = 0
         if ungated:
@@ -138,7 +138,7 @@ class SparseFFN:
         return idx.size  # every listed neuron's gate and up rows were read
 
 
-def _activation(act: str, g: np.ndarray) -> np.ndarray:
+def gate_activation(act: str, g: np.ndarray) -> np.ndarray:
     """The kernels' activation of the gate (or of up, ungated), in numpy: an independent path."""
     if act == "swiglu":
         return g / (1 + np.exp(-g))

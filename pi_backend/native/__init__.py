@@ -226,8 +226,8 @@ def _f(a: np.ndarray, ctype: str = "float *"):
 def _threads(n_threads: int) -> int:
     if type(n_threads) is int and 0 <= n_threads <= _MAX_THREADS:  # the common case, checked cheaply
         return n_threads
-    if not isinstance(n_threads, (int, np.integer)) or not 0 <= n_threads <= lib.PI_MAX_THREADS:
-        raise ValueError(f"n_threads: must be an int in [0, {lib.PI_MAX_THREADS}] (0 = default), got {n_threads!r}")
+    if not isinstance(n_threads, (int, np.integer)) or not 0 <= n_threads <= _MAX_THREADS:
+        raise ValueError(f"n_threads: must be an int in [0, {_MAX_THREADS}] (0 = default), got {n_threads!r}")
     return int(n_threads)
 
 
@@ -269,6 +269,30 @@ def sparse_axpy(Wt: Matrix, idx: np.ndarray, h: np.ndarray, y: np.ndarray, n_thr
     return y
 
 
+def ffn_matrices(act: str, gate, up, down_t, matrix):
+    """The fused FFN's activation and matrices checked (the CPU and the device wrappers share this):
+    `matrix(m, name)` type-checks one matrix; the gate must be None exactly for the ungated kinds, and
+    gate, up and down_t (W_down transposed) must have one shape."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+    up, down_t = matrix(up, "up"), matrix(down_t, "down_t")
+    if act in UNGATED_ACTIVATIONS:
+        if gate is not None:
+            raise ValueError(f"gate: must be None for act={act!r} (no gate)")
+    else:
+        gate = matrix(gate, "gate")
+        if (gate.rows, gate.cols) != (up.rows, up.cols):
+            raise ValueError(f"gate: shape {gate.rows}x{gate.cols} != up {up.rows}x{up.cols}")
+    if (down_t.rows, down_t.cols) != (up.rows, up.cols):
+        raise ValueError(f"down_t: shape {down_t.rows}x{down_t.cols} != up {up.rows}x{up.cols} (pass W_down transposed)")
+    return gate, up, down_t
+
+
+def check_skip_threshold(skip_threshold) -> None:
+    if not (isinstance(skip_threshold, (int, float, np.floating)) and skip_threshold >= 0):
+        raise ValueError(f"skip_threshold: must be a number >= 0, got {skip_threshold!r}")
+
+
 def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, idx: np.ndarray,
                act: str = "reglu", out: np.ndarray | None = None, accumulate: bool = False,
                skip_threshold: float = 0.0, n_threads: int = 0, return_skipped: bool = False):
@@ -278,21 +302,9 @@ def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, i
     <= skip_threshold in magnitude for every token are skipped and their up/down rows never read.
     Returns y [n_tok, n_embd] (and the number of skipped neurons if return_skipped).
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
-    up, down_t = _matrix(up, "up"), _matrix(down_t, "down_t")
-    if act in UNGATED_ACTIVATIONS:
-        if gate is not None:
-            raise ValueError(f"gate: must be None for act={act!r} (no gate)")
-    else:
-        gate = _matrix(gate, "gate")
-        if (gate.rows, gate.cols) != (up.rows, up.cols):
-            raise ValueError(f"gate: shape {gate.rows}x{gate.cols} != up {up.rows}x{up.cols}")
-    if (down_t.rows, down_t.cols) != (up.rows, up.cols):
-        raise ValueError(f"down_t: shape {down_t.rows}x{down_t.cols} != up {up.rows}x{up.cols} (pass W_down transposed)")
+    gate, up, down_t = ffn_matrices(act, gate, up, down_t, _matrix)
     idx = _indices(idx, "idx", up.rows)
-    if not (isinstance(skip_threshold, (int, float, np.floating)) and skip_threshold >= 0):
-        raise ValueError(f"skip_threshold: must be a number >= 0, got {skip_threshold!r}")
+    check_skip_threshold(skip_threshold)
     x, n_tok = _tokens(x, "x", up.cols)
     shape = x.shape[:-1] + (up.cols,)
     y = _out(out, "out", shape)

@@ -340,21 +340,9 @@ class Device:
                    idx: DeviceArray, act: str = "reglu", out: DeviceArray | None = None, accumulate: bool = False,
                    skip_threshold: float = 0.0, stream=None) -> DeviceArray:
         """One layer's FFN over the neurons in idx (a set; a repeat is flagged on the device)."""
-        if act not in _ACT_NAMES:
-            raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(_ACT_NAMES)}")
-        up, down_t = self._mat(up, "up"), self._mat(down_t, "down_t")
-        if act in native.UNGATED_ACTIVATIONS:
-            if gate is not None:
-                raise ValueError(f"gate: must be None for act={act!r} (no gate)")
-        else:
-            gate = self._mat(gate, "gate")
-            if (gate.rows, gate.cols) != (up.rows, up.cols):
-                raise ValueError(f"gate: shape {gate.rows}x{gate.cols} != up {up.rows}x{up.cols}")
-        if (down_t.rows, down_t.cols) != (up.rows, up.cols):
-            raise ValueError(f"down_t: shape {down_t.rows}x{down_t.cols} != up {up.rows}x{up.cols}")
+        gate, up, down_t = native.ffn_matrices(act, gate, up, down_t, self._mat)
         idx = self._idx(idx, "idx")
-        if not (isinstance(skip_threshold, (int, float, np.floating)) and skip_threshold >= 0):
-            raise ValueError(f"skip_threshold: must be a number >= 0, got {skip_threshold!r}")
+        native.check_skip_threshold(skip_threshold)
         x, n_tok = self._tokens(x, "x", up.cols)
         if accumulate and out is None:
             raise ValueError("out: required with accumulate=True")

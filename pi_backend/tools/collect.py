@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from pi_backend import native
+from pi_backend.engine.ffn import gate_activation
 
 RELU_FAMILY = ("reglu", "drelu", "relu")
 
@@ -88,19 +89,15 @@ class FFNCall:
     threshold: float  # the layer's configured threshold (predictor cut or threshold-mode cut)
 
     def gate_activation(self) -> np.ndarray:
-        """act(gate · x) for every neuron [T, n_ff] (relu(up · x) for ungated ReLU)."""
+        """act(gate · x) for every neuron [T, n_ff] (act(up · x) for the ungated kinds)."""
         lw = self.weights
-        if self.act == "relu":
-            return np.maximum(native.gemm(lw.up, self.x), 0)
-        g = native.gemm(lw.gate, self.x)
-        if self.act == "swiglu":
-            return g / (1 + np.exp(-g))
-        return np.maximum(g, 0)
+        first = lw.up if self.act in native.UNGATED_ACTIVATIONS else lw.gate
+        return gate_activation(self.act, native.gemm(first, self.x))
 
     def activation(self, a: np.ndarray | None = None) -> np.ndarray:
         """h = act(gate · x) * (up · x) over every neuron [T, n_ff] (the true, unthresholded activation)."""
         a = self.gate_activation() if a is None else a
-        if self.act == "relu":
+        if self.act in native.UNGATED_ACTIVATIONS:
             return a
         u = native.gemm(self.weights.up, self.x)
         return a * (np.maximum(u, 0) if self.act == "drelu" else u)
