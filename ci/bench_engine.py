@@ -97,8 +97,12 @@ def pi_model(wtype: str, load: str = "mmap"):
 @functools.lru_cache(maxsize=None)
 def llama_model(wtype: str):
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=str(models(wtype)[1]), n_ctx=512, n_threads=2, n_threads_batch=2,
-                           verbose=False)
+    from pi_backend.model.gguf_file import GGUFFile
+
+    path = models(wtype)[1]
+    with GGUFFile.open(path) as g:  # the same page cache as pi_backend's file: resident, in huge pages
+        g.prefetch()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 
 
 def bytes_per_token(m, sparse: bool) -> float:

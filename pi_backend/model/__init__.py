@@ -3,6 +3,7 @@ statistics, and fixture models.
 
 Modules (imported on demand; nothing here is imported eagerly):
 - gguf_file: `GGUFFile`, a defensive GGUF v2/v3 reader accepting the `GGUF` and `PWRI` magics.
+- page_cache: a mapped file made resident in 2 MiB pages before decoding.
 - gguf_write: `write_gguf`, `write_model` (quantizing), `set_magic`.
 - config: `ModelConfig` from GGUF metadata, with tensor-shape validation.
 - activation_stats: PowerInfer's `activation_{i}.pt` files, read and written without torch.

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
+from pi_backend.model import page_cache
+
 __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_MAGIC_BYTES", "POWERINFER_MAGIC_BYTES"]
 
 GGUF_MAGIC_BYTES = b"GGUF"
@@ -195,16 +197,15 @@ class GGUFFile:
     def open(cls, path: str | os.PathLike) -> "GGUFFile":
         return cls(path)
 
-    def prefetch(self) -> None:
-        """Ask the kernel to read the whole file into the page cache in the background (llama.cpp's
-        default, MADV_WILLNEED): otherwise the first touch of each page -- a new token's embedding row,
-        a neuron's rows the first time it fires -- is a disk read in the middle of a decode step."""
+    def prefetch(self) -> str:
+        """Make the mapped file resident before decoding (llama.cpp advises MADV_WILLNEED for the same
+        reason: otherwise the first touch of each page -- a new token's embedding row, a neuron's rows
+        the first time it fires -- is a disk read in the middle of a decode step), in 2 MiB pages
+        where the kernel can (page_cache.py says why and how). Returns what was done."""
         raw = getattr(self._mm, "_mmap", None)
-        if raw is not None and hasattr(mmap, "MADV_WILLNEED"):
-            try:
-                raw.madvise(mmap.MADV_WILLNEED)
-            except OSError:
-                pass  # advice only
+        if raw is None or not isinstance(self._mm, np.memmap):
+            return "none"
+        return page_cache.make_resident(raw, self._mm.ctypes.data, self.file_size, self.path)
 
     def read_into_memory(self, chunk_bytes: int = 64 << 20) -> None:
         """Back every tensor view handed out from now on by one private in-memory copy of the file

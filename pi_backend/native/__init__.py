@@ -198,9 +198,10 @@ def _tokens(x, name: str, width: int) -> tuple[np.ndarray, int]:
 
 def _indices(idx, name: str, rows: int) -> np.ndarray:
     idx = _require(idx, name, np.int32, ndim=1)
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows):
-        bad = idx[(idx < 0) | (idx >= rows)][0]
-        raise ValueError(f"{name}: index {int(bad)} outside [0, {rows})")
+    if idx.size:
+        k = lib.pi_first_bad_index(ffi.from_buffer("int32_t *", idx), idx.size, rows)
+        if k >= 0:
+            raise ValueError(f"{name}: index {int(idx[k])} outside [0, {rows})")
     return idx
 
 

@@ -63,7 +63,7 @@ static void quantize_x(const float *x, int64_t n, int8_t *qs, int32_t *off, floa
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
     int64_t i = 0;                                                                     \
     for (; i + 4 * W <= n; i += 4 * W) {                                               \
-        pi_prefetch_span(pf, i * ESIZE, (i + 4 * W) * ESIZE);                          \
+        PI_PREFETCH_STEP(pf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                      \
         a0 = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(x + i), a0);                 \
         a1 = _mm256_fmadd_ps(LOAD(w + i + W), _mm256_loadu_ps(x + i + W), a1);         \
         a2 = _mm256_fmadd_ps(LOAD(w + i + 2 * W), _mm256_loadu_ps(x + i + 2 * W), a2); \
@@ -97,7 +97,7 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
     int64_t k = 0;                                                                           \
     for (; k + 4 <= nb; k += 4) {                                                            \
-        pi_prefetch_span(pf, k * BSIZE, (k + 4) * BSIZE);                                    \
+        PI_PREFETCH_STEP(pf, k * BSIZE, (4 * BSIZE + 63) / 64);                               \
         for (int j = 0; j < 4; j++) {                                                        \
             const __m256i is = BLOCK_INT(b + k + j, x, k + j);                               \
             const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[k + j].d] * x->d[k + j]);        \
@@ -138,16 +138,15 @@ static float dot_q4_0(const void *row, const void *xv, int64_t n, const void *pf
 
 /* ---- y += sum_r a[r] * rows[r] with a tile of y in registers (see kernels_avx512.c); the block
  * scales of quantized rows are read through pi_fp16_table */
-static inline void prefetch_rows(const void *const *pf, int npf, int64_t lo, int64_t hi) {
-    for (int r = 0; r < npf; r++) pi_prefetch_span(pf[r], lo, hi);
-}
+#define PREFETCH_ROWS(pf, npf, lo, LINES) \
+    for (int r_ = 0; r_ < (npf); r_++) PI_PREFETCH_STEP((pf)[r_], lo, LINES)
 
 #define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
     __m256 va[PI_AXPY_ROWS];                                                          \
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);                        \
     int64_t i = 0;                                                                    \
     for (; i + 4 * W <= n; i += 4 * W) {                                              \
-        prefetch_rows(pf, npf, i * ESIZE, (i + 4 * W) * ESIZE);                       \
+        PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
         __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + W);          \
         __m256 y2 = _mm256_loadu_ps(y + i + 2 * W), y3 = _mm256_loadu_ps(y + i + 3 * W); \
         for (int r = 0; r < nr; r++) {                                                \
@@ -189,7 +188,7 @@ static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y,
     __m256 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 1)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (k + 2) * PI_BLOCK_BYTES_Q8_0);
+        if (!(k & 1)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
         __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
         __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
         for (int r = 0; r < nr; r++) {
@@ -217,7 +216,7 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
     __m256 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 3)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (k + 4) * PI_BLOCK_BYTES_Q4_0);
+        if (!(k & 3)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
         __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
         __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
         for (int r = 0; r < nr; r++) {

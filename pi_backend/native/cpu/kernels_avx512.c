@@ -63,7 +63,7 @@ static void quantize_x(const float *x, int64_t n, int8_t *qs, int32_t *off, floa
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
     int64_t i = 0;                                                                     \
     for (; i + 4 * W <= n; i += 4 * W) {                                               \
-        pi_prefetch_span(pf, i * ESIZE, (i + 4 * W) * ESIZE);                          \
+        PI_PREFETCH_STEP(pf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                      \
         a0 = _mm512_fmadd_ps(LOAD(w + i), _mm512_loadu_ps(x + i), a0);                 \
         a1 = _mm512_fmadd_ps(LOAD(w + i + W), _mm512_loadu_ps(x + i + W), a1);         \
         a2 = _mm512_fmadd_ps(LOAD(w + i + 2 * W), _mm512_loadu_ps(x + i + 2 * W), a2); \
@@ -103,7 +103,7 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
     int64_t k = 0;                                                                           \
     for (; k + 4 <= nb; k += 4) {                                                            \
-        pi_prefetch_span(pf, k * BSIZE, (k + 4) * BSIZE);                                    \
+        PI_PREFETCH_STEP(pf, k * BSIZE, (4 * BSIZE + 63) / 64);                         \
         for (int j = 0; j < 4; j++) {                                                        \
             const __m256i is = _mm256_dpbusd_epi32(X_INIT(x, k + j), W_INT(b + k + j), x_qs(x, k + j)); \
             const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[k + j].d] * x->d[k + j]);        \
@@ -129,13 +129,14 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     int64_t k = 0;                                                                           \
     for (; k + 4 <= nb; k += 4) {                                                            \
         if (pf)                                                                              \
-            for (int r = 0; r < 4; r++) pi_prefetch_span(pf[r], k * BSIZE, (k + 4) * BSIZE); \
+            for (int r = 0; r < 4; r++) PI_PREFETCH_STEP(pf[r], k * BSIZE, (4 * BSIZE + 63) / 64); \
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                \
             const __m256i xs = x_qs(x, k + j), init = X_INIT(x, k + j);                      \
-            const float xd = x->d[k + j];                                                    \
+            __m256 xd = _mm256_set1_ps(x->d[k + j]);                                         \
+            __asm__("" : "+v"(xd)); /* opaque: keeps the products vector (embedded broadcast) */ \
             _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                            \
                 const __m256i is = _mm256_dpbusd_epi32(init, W_INT(b[r] + k + j), xs);       \
-                const __m256 sc = _mm256_set1_ps(pi_fp16_table[b[r][k + j].d] * xd);          \
+                const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(pi_fp16_table[b[r][k + j].d]), xd); \
                 acc[r][j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(is), acc[r][j]);           \
             }                                                                                \
         }                                                                                    \
@@ -195,16 +196,15 @@ PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 /* ---- y += sum_r a[r] * rows[r]: a tile of y stays in registers while every row adds into it, so y
  * is loaded and stored once per call instead of once per row. Each element sees the rows in order.
  * The rows of the next group are prefetched over the same byte range as the tile consumes. */
-static inline void prefetch_rows(const void *const *pf, int npf, int64_t lo, int64_t hi) {
-    for (int r = 0; r < npf; r++) pi_prefetch_span(pf[r], lo, hi);
-}
+#define PREFETCH_ROWS(pf, npf, lo, LINES) \
+    for (int r_ = 0; r_ < (npf); r_++) PI_PREFETCH_STEP((pf)[r_], lo, LINES)
 
 #define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
     __m512 va[PI_AXPY_ROWS];                                                          \
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);                        \
     int64_t i = 0;                                                                    \
     for (; i + 4 * W <= n; i += 4 * W) {                                              \
-        prefetch_rows(pf, npf, i * ESIZE, (i + 4 * W) * ESIZE);                       \
+        PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
         __m512 y0 = _mm512_loadu_ps(y + i), y1 = _mm512_loadu_ps(y + i + W);          \
         __m512 y2 = _mm512_loadu_ps(y + i + 2 * W), y3 = _mm512_loadu_ps(y + i + 3 * W); \
         for (int r = 0; r < nr; r++) {                                                \
@@ -256,7 +256,7 @@ static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y,
     __m512 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 1)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (k + 2) * PI_BLOCK_BYTES_Q8_0);
+        if (!(k & 1)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
         __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
         for (int r = 0; r < nr; r++) {
             const pi_block_q8_0 *b = (const pi_block_q8_0 *)rows[r] + k;
@@ -277,7 +277,7 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
     __m512 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 3)) prefetch_rows(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (k + 4) * PI_BLOCK_BYTES_Q4_0);
+        if (!(k & 3)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
         __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
         for (int r = 0; r < nr; r++) {
             const pi_block_q4_0 *b = (const pi_block_q4_0 *)rows[r] + k;

@@ -142,12 +142,17 @@ static int check_matrix(const pi_matrix *m) {
     return PI_OK;
 }
 
+int64_t pi_first_bad_index(const int32_t *idx, int64_t n, int64_t rows) {
+    if (!idx) return n > 0 ? 0 : -1;
+    for (int64_t k = 0; k < n; k++)
+        if (idx[k] < 0 || (int64_t)idx[k] >= rows) return k;
+    return -1;
+}
+
 static int check_indices(const int32_t *idx, int64_t n_idx, int64_t rows) {
     if (n_idx < 0 || n_idx > PI_MAX_DIM) return PI_ERR_SHAPE;
     if (n_idx > 0 && !idx) return PI_ERR_NULL;
-    for (int64_t k = 0; k < n_idx; k++)
-        if (idx[k] < 0 || (int64_t)idx[k] >= rows) return PI_ERR_INDEX;
-    return PI_OK;
+    return pi_first_bad_index(idx, n_idx, rows) < 0 ? PI_OK : PI_ERR_INDEX;
 }
 
 static int check_unique(const int32_t *idx, int64_t n_idx, int64_t rows) {
