@@ -22,7 +22,7 @@ def builtin_model() -> Path:
 
 def _engine_options(args) -> dict:
     opts = {"n_threads": args.threads, "n_ctx": args.ctx}
-    for key in ("mode", "threshold", "ffn_act", "vram_budget", "activation_dir", "device"):
+    for key in ("mode", "threshold", "ffn_act", "vram_budget", "activation_dir", "device", "kv_type"):
         if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
     for flag in ("reset_gpu_index", "disable_gpu_index"):
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reset-gpu-index", action="store_true", help="re-solve the placement, ignoring its cache")
     g.add_argument("--disable-gpu-index", action="store_true", help="no FFN split: only dense blocks offloaded")
     g.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the hot partition runs (default auto)")
+    g.add_argument("--kv-type", choices=("f16", "f32"),
+                   help="KV cache element type (default f16, as llama.cpp's --cache-type-k/-v; a GPU keeps its own in f32)")
     g.add_argument("--no-mmap", action="store_true",
                    help="read the weights into private memory instead of mapping the file (as llama.cpp's "
                         "--no-mmap); the RAM cannot be reclaimed")

@@ -97,6 +97,31 @@ def test_no_mmap_load_computes_the_same_logits(relu_model):
     np.testing.assert_array_equal(copied.forward([29916]), mapped.forward([29916]))
 
 
+def test_f16_kv_cache_holds_the_f32_values_rounded(relu_model):
+    """kv_type: f16 (the default, llama.cpp's) keeps exactly the f32 engine's K and V rounded to f16 --
+    layer 0's are computed from the same inputs, so they match bit for bit -- in half the memory, and
+    the logits move by no more than that rounding does (~1e-3 of their spread, the llama.cpp adapter's
+    tests see the same against llama.cpp's own F16 cache)."""
+    tokens = [1, 450, 4996, 17354, 1701, 29916, 432]
+    m16, m32 = pi_backend.load(relu_model.path, mode="dense"), pi_backend.load(relu_model.path, mode="dense", kv_type="f32")
+    assert m16.state.k.dtype == np.float16 and m32.state.k.dtype == np.float32
+    assert m16.state.k.nbytes * 2 == m32.state.k.nbytes
+    a16, a32 = m16.forward(tokens, all_logits=True), m32.forward(tokens, all_logits=True)
+    n = len(tokens)
+    np.testing.assert_array_equal(m16.state.k[0, :n], m32.state.k[0, :n].astype(np.float16))
+    np.testing.assert_array_equal(m16.state.v[0, :n], m32.state.v[0, :n].astype(np.float16))
+    err = np.abs(a16 - a32).max() / a32.std()
+    assert 0 < err < 5e-3, err
+    # the f16 cache survives save / load_state, and decoding on from it gives the same logits
+    saved = m16.save_state()
+    assert saved["k"].dtype == np.float16
+    after = m16.forward([13])
+    m16.load_state(saved)
+    np.testing.assert_array_equal(m16.forward([13]), after)
+    with pytest.raises(ValueError, match="kv_type"):
+        pi_backend.load(relu_model.path, kv_type="q8_0")
+
+
 def test_ffn_changes_the_output(relu_model):
     """Guard against fixtures in which a wrong FFN would go unnoticed."""
     m = pi_backend.load(relu_model.path, mode="dense")

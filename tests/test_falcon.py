@@ -18,6 +18,7 @@ from pi_backend.model.gguf_write import write_model
 from pi_backend.model.vocab import vocab_metadata
 
 N_EMBD, N_HEAD, N_FF, N_LAYER, EPS = 64, 4, 256, 2, 1e-5
+REF_KV = "f32"  # the numpy reference keeps its KV cache in float32; so do these models (the default is f16)
 TOKENS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 1363]
 
 
@@ -125,7 +126,7 @@ def test_falcon_matches_numpy_reference(tmp_path, n_head_kv, norm_2, act):
     path, w = write_falcon(tmp_path / "falcon.gguf", n_head_kv, norm_2=norm_2)
     ref = numpy_falcon(w, TOKENS, n_head_kv, act=gelu_tanh if act == "gelu" else relu)
     for mode in ("dense", "oracle") if act == "relu" else ("dense",):
-        model = pi_backend.load(path, mode=mode, n_ctx=64, ffn_act=None if act == "gelu" else "relu")
+        model = pi_backend.load(path, mode=mode, n_ctx=64, ffn_act=None if act == "gelu" else "relu", kv_type=REF_KV)
         assert model.config.ffn_act == act and model.weights.layers[0].gate is None
         ours = model.forward(TOKENS, all_logits=True)
         err = np.abs(ours - ref).max() / ref.std()
@@ -144,14 +145,14 @@ def test_falcon_powerinfer_sparse_matches_dense_where_predictor_lists_all(tmp_pa
     threshold 0 it runs and skips neurons (a random predictor: only checked to run and differ sanely)."""
     path, w = write_falcon(tmp_path / "falcon.powerinfer.gguf", 1, powerinfer=True)
     ref = numpy_falcon(w, TOKENS, 1)
-    model = pi_backend.load(path, n_ctx=64, threshold=-np.inf)
+    model = pi_backend.load(path, n_ctx=64, threshold=-np.inf, kv_type=REF_KV)
     assert model.mode == "sparse"
     ours = model.forward(TOKENS, all_logits=True)
     assert np.abs(ours - ref).max() / ref.std() < 1e-4
     model.close()
     # hot / cold split (the CPU stand-in of the GPU partition, overlapped or not): same logits
     for overlap in (True, False):
-        model = pi_backend.load(path, n_ctx=64, threshold=-np.inf, overlap=overlap,
+        model = pi_backend.load(path, n_ctx=64, threshold=-np.inf, overlap=overlap, kv_type=REF_KV,
                                 hot_neurons=[np.arange(0, N_FF, 3)] * N_LAYER)
         ours = model.forward(TOKENS, all_logits=True)
         assert np.abs(ours - ref).max() / ref.std() < 1e-4

@@ -17,6 +17,7 @@ from pi_backend.native import device
 pytestmark = pytest.mark.gpu
 TOKENS = [1, 84, 104, 101, 32, 99, 97, 116]  # byte vocabulary
 GiB = 1 << 30
+KV = "f32"  # the device keeps its KV cache in f32; the CPU references (and host-side layers) match it
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_hybrid_matches_cpu_only(dev, model, budget):
     F16 in sparse mode (the predictor and the split on the device) must agree to rounding; Q4_0 in
     oracle mode (a predictor decision flipped by Q8 rounding would change the active set)."""
     mode = "sparse" if model.weight_type == "f16" else "oracle"
-    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, mode=mode)
-    gpu = pi_backend.load(model.path, device="gpu", vram_budget=budget, n_ctx=128, reset_gpu_index=True, mode=mode)
+    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, kv_type=KV, mode=mode)
+    gpu = pi_backend.load(model.path, device="gpu", vram_budget=budget, n_ctx=128, kv_type=KV, reset_gpu_index=True, mode=mode)
     assert gpu.device_layers is not None and len(gpu.device_layers.layers) == 3
     assert_logits_close(gpu.forward(TOKENS, all_logits=True), cpu.forward(TOKENS, all_logits=True), model.weight_type)
     for t in (13, 29, 7):
@@ -75,7 +76,7 @@ def test_budget_is_respected_on_the_device(dev, model):
         sizes = ModelSizes.from_gguf(g, ModelConfig.from_gguf(g), n_ctx=128)
     budget = sizes.dense_bytes + sizes.ffn_bytes // 2
     before = dev.mem_used()
-    m = pi_backend.load(model.path, device="gpu", vram_budget=budget / GiB, n_ctx=128, reset_gpu_index=True)
+    m = pi_backend.load(model.path, device="gpu", vram_budget=budget / GiB, n_ctx=128, kv_type=KV, reset_gpu_index=True)
     m.forward(TOKENS)
     held = dev.mem_used() - before
     p = m.placement
@@ -84,15 +85,15 @@ def test_budget_is_respected_on_the_device(dev, model):
     # hot maps) is the only thing on top, and it is small next to the weights
     scratch = 3 * 1536 * 4 + 64 * 1536 * 4 * 8
     assert held <= budget + scratch, (held, budget)
-    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, mode="oracle")
-    m = pi_backend.load(model.path, device="gpu", vram_budget=budget / GiB, n_ctx=128, mode="oracle")
+    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, kv_type=KV, mode="oracle")
+    m = pi_backend.load(model.path, device="gpu", vram_budget=budget / GiB, n_ctx=128, kv_type=KV, mode="oracle")
     assert_logits_close(m.forward(TOKENS, all_logits=True), cpu.forward(TOKENS, all_logits=True), model.weight_type)
     m.close()
 
 
 def test_disable_gpu_index_keeps_every_neuron_on_the_cpu(dev, model):
-    m = pi_backend.load(model.path, device="gpu", vram_budget=2.0, n_ctx=128, disable_gpu_index=True, mode="oracle")
+    m = pi_backend.load(model.path, device="gpu", vram_budget=2.0, n_ctx=128, kv_type=KV, disable_gpu_index=True, mode="oracle")
     assert m.device_layers is not None and not m.placement.has_split
-    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, mode="oracle")
+    cpu = pi_backend.load(model.path, device="cpu", n_ctx=128, kv_type=KV, mode="oracle")
     assert_logits_close(m.forward(TOKENS, all_logits=True), cpu.forward(TOKENS, all_logits=True), model.weight_type)
     assert all(f.stats.hot_listed == 0 for f in m.ffn)

@@ -261,14 +261,15 @@ def test_engine_runs_the_hot_partition_on_the_device(model, emu_device, tmp_path
     script = (
         "import sys, numpy as np, pi_backend\n"
         "from pi_backend.placement import CostModel\n"
-        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, placement_cost=CostModel.cpu_standin(sync_s=0))\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, placement_cost=CostModel.cpu_standin(sync_s=0),\n"
+        "                    kv_type='f32')\n"
         "assert type(m.hot_executor).__name__ == 'DeviceExecutor' and m.placement.has_split, m.hot_executor\n"
         f"np.save(sys.argv[2], m.forward({TOKENS!r}, all_logits=True))\n"
     )
     env = dict(os.environ, PI_BACKEND_DEVICE_LIB=emu_device.path)
     out = tmp_path / "logits.npy"
     subprocess.run([sys.executable, "-c", script, str(model.path), str(out)], env=env, check=True, timeout=300)
-    ref = pi_backend.load(model.path).forward(TOKENS, all_logits=True)
+    ref = pi_backend.load(model.path, kv_type="f32").forward(TOKENS, all_logits=True)
     np.testing.assert_allclose(np.load(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
@@ -308,7 +309,7 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
     script = (
         "import sys, numpy as np, pi_backend\n"
         "from pi_backend.placement import CostModel\n"
-        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, n_ctx=64, mode=" + repr(mode) + ",\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, n_ctx=64, mode=" + repr(mode) + ", kv_type='f32',\n"
         "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
         "dl = m.device_layers\n"
         "assert dl is not None and sorted(dl.layers) == [0, 1] and dl.output is not None, m.placement.dense_gpu\n"
@@ -331,7 +332,7 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
         "assert len(syncs) == 2 + 1, syncs\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
-    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode)
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode, kv_type="f32")
     ref = [ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)]
     ref.append(ref_model.forward([7]))
     ref_model.truncate(ref_model.n_past - 1)
@@ -356,7 +357,7 @@ def test_partial_dense_offload(byte_model, emu_device, tmp_path, cut):
         "sizes = ModelSizes.from_gguf(g, ModelConfig.from_gguf(g), n_ctx=64)\n"
         "names = [b.name for b in sizes.dense]\n"
         f"budget = sum(b.nbytes for b in sizes.dense[: names.index({cut!r})]) + 1000\n"
-        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=budget / 2**30, n_ctx=64,\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=budget / 2**30, n_ctx=64, kv_type='f32',\n"
         "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
         "dl, placed = m.device_layers, m.placement.dense_gpu\n"
         f"assert {cut!r} not in placed and dl is not None, placed\n"
@@ -373,6 +374,6 @@ def test_partial_dense_offload(byte_model, emu_device, tmp_path, cut):
         "np.save(sys.argv[2] + '/dev.npy', np.concatenate(out))\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
-    ref_model = pi_backend.load(byte_model.path, n_ctx=64)
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, kv_type="f32")
     ref = np.concatenate([ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)])
     np.testing.assert_allclose(np.load(tmp_path / "dev.npy"), ref, rtol=0, atol=1e-4 * np.abs(ref).max())

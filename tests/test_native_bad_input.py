@@ -110,7 +110,9 @@ def test_attention_c_side_refuses_bad_sizes():
     kv = np.zeros((5, 2, 8), np.float32)
     out = np.zeros((2, 32), np.float32)
     f = lambda a: ffi.cast("float *", ffi.from_buffer(a))  # noqa: E731
-    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 4, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 + 2 > 5 rows
-    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 0, 2, 4, 3, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 % 3 heads
-    assert lib.pi_attention(f(q), ffi.NULL, f(kv), 5, 0, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_NULL
-    assert lib.pi_attention(f(q), f(kv), f(kv), 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_OK
+    F32 = lib.PI_TYPE_F32
+    assert lib.pi_attention(f(q), f(kv), f(kv), F32, 5, 4, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 + 2 > 5 rows
+    assert lib.pi_attention(f(q), f(kv), f(kv), F32, 5, 0, 2, 4, 3, 8, f(out), 1) == lib.PI_ERR_SHAPE  # 4 % 3 heads
+    assert lib.pi_attention(f(q), ffi.NULL, f(kv), F32, 5, 0, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_NULL
+    assert lib.pi_attention(f(q), f(kv), f(kv), lib.PI_TYPE_Q8_0, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_TYPE
+    assert lib.pi_attention(f(q), f(kv), f(kv), F32, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_OK

@@ -340,7 +340,16 @@ def test_attention_matches_numpy(n_tok, n_past, n_head, n_head_kv, d):
     want = attention_np(q, K, V, n_past)
     for n_threads in (1, 2):
         assert_close(native.attention(q, K, V, n_past, n_threads=n_threads), want, rtol=1e-5)
+    # an f16 cache (llama.cpp's default): the same function of the values it holds
+    K16, V16 = K.astype(np.float16), V.astype(np.float16)
+    want16 = attention_np(q, K16.astype(np.float32), V16.astype(np.float32), n_past)
+    for n_threads in (1, 2):
+        assert_close(native.attention(q, K16, V16, n_past, n_threads=n_threads), want16, rtol=1e-5)
     with pytest.raises(ValueError, match="n_past"):
         native.attention(q, K, V, rows - n_tok + 1)
     with pytest.raises(ValueError, match="do not fit"):
         native.attention(q, K[:, :, :-1].copy(), V, n_past)
+    with pytest.raises(TypeError, match="v_cache"):
+        native.attention(q, K16, V, n_past)  # one type for both
+    with pytest.raises(TypeError, match="k_cache"):
+        native.attention(q, K.astype(np.float64), V, n_past)

@@ -106,6 +106,24 @@ def _ctx_size(n_ctx: int) -> int:
     return -(-n_ctx // CTX_PAD) * CTX_PAD
 
 
+_KV_TYPES = {llama_cpp.GGML_TYPE_F32: "f32", llama_cpp.GGML_TYPE_F16: "f16"}
+
+
+def _kv_type(type_k: Optional[int], type_v: Optional[int]) -> Optional[str]:
+    """llama.cpp's KV cache types (type_k / type_v, GGML type ids) as the engine's kv_type; None: its
+    default (f16, as llama.cpp's)."""
+    if type_k is None and type_v is None:
+        return None
+    names = {_KV_TYPES.get(t, t) if t is not None else "f16" for t in (type_k, type_v)}  # unset: f16, as llama.cpp
+    bad = [t for t in names if t not in _KV_TYPES.values()]
+    if bad:
+        raise _unsupported(f"KV cache type {bad[0]!r}", "the KV cache is F16 (type_k / type_v = GGML_TYPE_F16, the "
+                           "default) or F32 (GGML_TYPE_F32)")
+    if len(names) > 1:
+        raise _unsupported(f"type_k={type_k!r} with type_v={type_v!r}", "K and V share one type")
+    return names.pop()
+
+
 def _check_supported(kw: dict) -> None:
     """Refuse what cannot be served from our logits, before anything is loaded."""
     if kw.get("vocab_only"):
@@ -259,6 +277,9 @@ class PowerInferLlama(llama_cpp.Llama):
 
         n_ctx = int(kwargs.pop("n_ctx", 512))
         n_threads = kwargs.get("n_threads")
+        kv_type = _kv_type(kwargs.get("type_k"), kwargs.get("type_v"))
+        if kv_type is not None and engine_opts.setdefault("kv_type", kv_type) != kv_type:
+            raise ValueError(f"kv_type={engine_opts['kv_type']!r} contradicts type_k / type_v ({kv_type})")
         engine = pi_backend.load(model_path, n_ctx=_ctx_size(n_ctx) if n_ctx > 0 else 1 << 30,
                                  n_threads=int(n_threads or 0), use_mmap=bool(kwargs.get("use_mmap", True)),
                                  **engine_opts)

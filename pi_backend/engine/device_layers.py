@@ -133,10 +133,12 @@ class DeviceLayers:
         else:  # the cache is on the host: attention there
             s = self.model.state
             q_h = np.empty((T, cfg.n_head, d), np.float32)
+            k_h, v_h = np.empty((T, cfg.n_head_kv, d), np.float32), np.empty((T, cfg.n_head_kv, d), np.float32)
             q.copy_to_host(q_h, st)
-            k.copy_to_host(s.k[li, pos0:pos0 + T], st)
-            v.copy_to_host(s.v[li, pos0:pos0 + T], st)
+            k.copy_to_host(k_h, st)
+            v.copy_to_host(v_h, st)
             dev.sync(st)
+            s.k[li, pos0:pos0 + T], s.v[li, pos0:pos0 + T] = k_h, v_h  # in the host cache's type
             a = self.model._attention(q_h, s.k[li, : pos0 + T], s.v[li, : pos0 + T], pos0)
             att.copy_from(a, st)
         dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)

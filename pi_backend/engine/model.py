@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pi_backend.placement import CostModel
 
 DEVICES = ("auto", "gpu", "cpu")
+KV_TYPES = {"f16": np.float16, "f32": np.float32}
 
 
 @dataclass
@@ -45,6 +46,7 @@ class EngineOptions:
     hot_threads: int = 1               # threads of the CPU stand-in (the cold partition gets the rest)
     placement_cost: CostModel | None = None  # the placement's cost model (default: GPU, or the CPU stand-in)
     use_mmap: bool = True              # False: weights read into private memory (llama.cpp's --no-mmap)
+    kv_type: str = "f16"               # KV cache element type: f16 (llama.cpp's default) | f32
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -53,6 +55,8 @@ class EngineOptions:
             raise ValueError(f"n_ctx: must be >= 1, got {self.n_ctx}")
         if self.device not in DEVICES:
             raise ValueError(f"device: unknown device {self.device!r}; expected one of {DEVICES}")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type: unknown KV cache type {self.kv_type!r}; expected one of {sorted(KV_TYPES)}")
         if not 1 <= self.hot_threads <= native.lib.PI_MAX_THREADS:
             raise ValueError(f"hot_threads: must be in [1, {native.lib.PI_MAX_THREADS}], got {self.hot_threads}")
 
@@ -71,7 +75,7 @@ def default_mode(cfg: ModelConfig) -> str:
 class RunState:
     """The KV cache and how much of it is filled."""
 
-    k: np.ndarray  # [n_layer, n_ctx, n_head_kv, head_dim]
+    k: np.ndarray  # [n_layer, n_ctx, n_head_kv, head_dim], float16 or float32 (EngineOptions.kv_type)
     v: np.ndarray
     n_past: int = 0
 
@@ -131,7 +135,8 @@ class Model:
                               self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads)
                     for i, lw in enumerate(self.weights.layers)]
         shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
-        self.state = RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        kv = KV_TYPES[self.options.kv_type]
+        self.state = RunState(np.zeros(shape, kv), np.zeros(shape, kv))
         self._tokenizer = None
         if self.use_gpu and self.placement is not None and cfg.arch != "falcon":
             self.device_layers = self._offload_dense()

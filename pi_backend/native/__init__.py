@@ -361,10 +361,11 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
               out: np.ndarray | None = None, n_threads: int = 0) -> np.ndarray:
     """Causal grouped-query attention of q [n_tok, n_head, d] (positions n_past ..) over the cache
-    rows [kv_rows, n_head_kv, d], the new tokens' rows already written; returns [n_tok, n_head * d]."""
+    rows [kv_rows, n_head_kv, d], the new tokens' rows already written; returns [n_tok, n_head * d].
+    The cache is float32 or float16 (both of one type)."""
     q = _require(q, "q", np.float32, ndim=3)
-    k_cache = _require(k_cache, "k_cache", np.float32, ndim=3)
-    v_cache = _require(v_cache, "v_cache", np.float32, ndim=3)
+    k_cache = _require(k_cache, "k_cache", (np.float32, np.float16), ndim=3)
+    v_cache = _require(v_cache, "v_cache", k_cache.dtype.type, ndim=3)
     n_tok, n_head, d = q.shape
     kv_rows, n_head_kv, dk = k_cache.shape
     if v_cache.shape != k_cache.shape or dk != d:
@@ -374,9 +375,13 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
     if not 0 <= int(n_past) <= kv_rows - n_tok:
         raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
     y = _out(out, "out", (n_tok, n_head * d))
-    _check("pi_attention", lib.pi_attention(_f(q), _f(k_cache), _f(v_cache), kv_rows, int(n_past), n_tok, n_head,
+    _check("pi_attention", lib.pi_attention(_f(q), _f(k_cache, "void *"), _f(v_cache, "void *"),
+                                            _KV_TYPES[k_cache.dtype], kv_rows, int(n_past), n_tok, n_head,
                                             n_head_kv, d, _f(y), _threads(n_threads)))
     return y
+
+
+_KV_TYPES = {np.dtype(np.float32): TYPE_F32, np.dtype(np.float16): TYPE_F16}
 
 
 def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float, neox: bool = False) -> np.ndarray:

@@ -792,21 +792,25 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
 /* ------------------------------------------------------------------ attention */
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const uint8_t *k, *v;  /* cache rows of kv_w elements of esize bytes, in kernel slot `slot` */
+    int slot;
+    int64_t esize;
     int64_t n_past, n_tok, n_head, group, d, kv_w;
     float *out;
     _Atomic int64_t next; /* next (token, head) pair */
     _Atomic int err;
 } attn_ctx;
 
-/* one (token, head): scores over the visible rows (the F32 dot kernel), softmax, then the weighted sum
- * of V rows (the F32 axpy kernel, PI_AXPY_ROWS rows per call) */
+/* one (token, head): scores over the visible rows (the cache type's dot kernel), softmax, then the
+ * weighted sum of V rows (its axpy kernel, PI_AXPY_ROWS rows per call) */
 static void attn_task(void *p, int tid, int nth) {
     (void)tid; (void)nth;
     attn_ctx *c = (attn_ctx *)p;
     const pi_kernel_table *k = K();
-    const pi_dot_fn dot = k->dot[PI_T_F32];
-    const pi_axpy_fn axpy = k->axpy[PI_T_F32];
+    const pi_dot_fn dot = k->dot[c->slot];
+    const pi_axpy_fn axpy = k->axpy[c->slot];
+    const int64_t row_bytes = c->kv_w * c->esize;
     const int64_t d = c->d, n_items = c->n_tok * c->n_head;
     float *s = malloc((size_t)(c->n_past + c->n_tok) * sizeof(float));
     if (!s) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
@@ -818,7 +822,7 @@ static void attn_task(void *p, int tid, int nth) {
         const float *qv = c->q + item * d;
         float m = -INFINITY;
         for (int64_t r = 0; r < S; r++) {
-            s[r] = dot(c->k + r * c->kv_w + g * d, qv, d, NULL) * scale;
+            s[r] = dot(c->k + r * row_bytes + g * d * c->esize, qv, d, NULL) * scale;
             m = s[r] > m ? s[r] : m;
         }
         float sum = 0.0f;
@@ -830,22 +834,26 @@ static void attn_task(void *p, int tid, int nth) {
         const void *rows[PI_AXPY_ROWS];
         for (int64_t r0 = 0; r0 < S; r0 += PI_AXPY_ROWS) {
             const int nr = (int)(S - r0 < PI_AXPY_ROWS ? S - r0 : PI_AXPY_ROWS);
-            for (int j = 0; j < nr; j++) rows[j] = c->v + (r0 + j) * c->kv_w + g * d;
+            for (int j = 0; j < nr; j++) rows[j] = c->v + (r0 + j) * row_bytes + g * d * c->esize;
             axpy(rows, s + r0, nr, o, d, NULL, 0);
         }
     }
     free(s);
 }
 
-int pi_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
-                 int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, int n_threads) {
+int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type, int64_t kv_rows,
+                 int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out,
+                 int n_threads) {
     if (!q || !k_cache || !v_cache || !out) return PI_ERR_NULL;
+    if (kv_type != PI_TYPE_F32 && kv_type != PI_TYPE_F16) return PI_ERR_TYPE;
+    const int64_t esize = kv_type == PI_TYPE_F32 ? 4 : 2;
     int64_t tmp, kv_w;
     if (n_tok <= 0 || n_past < 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || n_head % n_head_kv ||
         kv_rows > PI_MAX_DIM || n_past > kv_rows || n_tok > kv_rows - n_past || !mul_ok(n_head_kv, head_dim, &kv_w) ||
         !mul_ok(kv_rows, kv_w, &tmp) || !mul_ok(n_tok, n_head, &tmp) || !mul_ok(tmp, head_dim, &tmp))
         return PI_ERR_SHAPE;
-    attn_ctx c = {q, k_cache, v_cache, n_past, n_tok, n_head, n_head / n_head_kv, head_dim, kv_w, out, 0, PI_OK};
+    attn_ctx c = {q, (const uint8_t *)k_cache, (const uint8_t *)v_cache, pi_type_slot(kv_type), esize, n_past, n_tok,
+                  n_head, n_head / n_head_kv, head_dim, kv_w, out, 0, PI_OK};
     /* a decode step's few heads over a short cache cost less than a dispatch: one thread below ~64k MACs */
     int nth = pi_pool_resolve_threads(n_threads);
     const int64_t work = n_tok * n_head * (n_past + n_tok) * head_dim;

@@ -141,9 +141,11 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
 /* causal grouped-query attention: q [n_tok, n_head, head_dim] at positions n_past .. n_past + n_tok - 1
  * over the cache rows k_cache / v_cache [kv_rows, n_head_kv, head_dim], rows 0 .. n_past + n_tok - 1
  * filled (the new tokens' included); token t sees rows 0 .. n_past + t. out [n_tok, n_head * head_dim].
- * Needs n_head % n_head_kv == 0 and n_past + n_tok <= kv_rows. */
-int pi_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
-                 int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, int n_threads);
+ * The cache holds kv_type elements: PI_TYPE_F32 or PI_TYPE_F16 (llama.cpp's default KV type: half the
+ * memory and half the bytes read per token). Needs n_head % n_head_kv == 0 and n_past + n_tok <= kv_rows. */
+int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type, int64_t kv_rows,
+                 int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out,
+                 int n_threads);
 
 /* PI_CDEF_END */
 
