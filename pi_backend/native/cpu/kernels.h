@@ -92,6 +92,10 @@ static inline int pi_slot_is_quant(int slot) { return slot == PI_T_Q8_0 || slot 
         }                                                                                \
     } while (0)
 
+/* the same for the npf rows pf[0 .. npf) of an axpy's next group */
+#define PI_PREFETCH_ROWS(pf, npf, lo, LINES) \
+    for (int r_ = 0; r_ < (npf); r_++) PI_PREFETCH_STEP((pf)[r_], lo, LINES)
+
 extern const pi_kernel_table pi_kernels_scalar;
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PI_HAVE_X86_KERNELS 1

@@ -138,15 +138,13 @@ static float dot_q4_0(const void *row, const void *xv, int64_t n, const void *pf
 
 /* ---- y += sum_r a[r] * rows[r] with a tile of y in registers (see kernels_avx512.c); the block
  * scales of quantized rows are read through pi_fp16_table */
-#define PREFETCH_ROWS(pf, npf, lo, LINES) \
-    for (int r_ = 0; r_ < (npf); r_++) PI_PREFETCH_STEP((pf)[r_], lo, LINES)
 
 #define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
     __m256 va[PI_AXPY_ROWS];                                                          \
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);                        \
     int64_t i = 0;                                                                    \
     for (; i + 4 * W <= n; i += 4 * W) {                                              \
-        PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
+        PI_PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
         __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + W);          \
         __m256 y2 = _mm256_loadu_ps(y + i + 2 * W), y3 = _mm256_loadu_ps(y + i + 3 * W); \
         for (int r = 0; r < nr; r++) {                                                \
@@ -188,7 +186,7 @@ static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y,
     __m256 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 1)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
+        if (!(k & 1)) PI_PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
         __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
         __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
         for (int r = 0; r < nr; r++) {
@@ -216,7 +214,7 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
     __m256 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm256_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 3)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
+        if (!(k & 3)) PI_PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
         __m256 y0 = _mm256_loadu_ps(y + 32 * k), y1 = _mm256_loadu_ps(y + 32 * k + 8);
         __m256 y2 = _mm256_loadu_ps(y + 32 * k + 16), y3 = _mm256_loadu_ps(y + 32 * k + 24);
         for (int r = 0; r < nr; r++) {

@@ -196,15 +196,12 @@ PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 /* ---- y += sum_r a[r] * rows[r]: a tile of y stays in registers while every row adds into it, so y
  * is loaded and stored once per call instead of once per row. Each element sees the rows in order.
  * The rows of the next group are prefetched over the same byte range as the tile consumes. */
-#define PREFETCH_ROWS(pf, npf, lo, LINES) \
-    for (int r_ = 0; r_ < (npf); r_++) PI_PREFETCH_STEP((pf)[r_], lo, LINES)
-
 #define AXPY_BODY(TYPE, LOAD, SCALAR, ESIZE)                                          \
     __m512 va[PI_AXPY_ROWS];                                                          \
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);                        \
     int64_t i = 0;                                                                    \
     for (; i + 4 * W <= n; i += 4 * W) {                                              \
-        PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
+        PI_PREFETCH_ROWS(pf, npf, i * ESIZE, (4 * W * ESIZE + 63) / 64);                    \
         __m512 y0 = _mm512_loadu_ps(y + i), y1 = _mm512_loadu_ps(y + i + W);          \
         __m512 y2 = _mm512_loadu_ps(y + i + 2 * W), y3 = _mm512_loadu_ps(y + i + 3 * W); \
         for (int r = 0; r < nr; r++) {                                                \
@@ -256,7 +253,7 @@ static void axpy_q8_0(const void *const *rows, const float *a, int nr, float *y,
     __m512 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 1)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
+        if (!(k & 1)) PI_PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q8_0, (2 * PI_BLOCK_BYTES_Q8_0 + 63) / 64);
         __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
         for (int r = 0; r < nr; r++) {
             const pi_block_q8_0 *b = (const pi_block_q8_0 *)rows[r] + k;
@@ -277,7 +274,7 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
     __m512 va[PI_AXPY_ROWS];
     for (int r = 0; r < nr; r++) va[r] = _mm512_set1_ps(a[r]);
     for (int64_t k = 0; k < n / 32; k++) {
-        if (!(k & 3)) PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
+        if (!(k & 3)) PI_PREFETCH_ROWS(pf, npf, k * PI_BLOCK_BYTES_Q4_0, (4 * PI_BLOCK_BYTES_Q4_0 + 63) / 64);
         __m512 lo = _mm512_loadu_ps(y + 32 * k), hi = _mm512_loadu_ps(y + 32 * k + 16);
         for (int r = 0; r < nr; r++) {
             const pi_block_q4_0 *b = (const pi_block_q4_0 *)rows[r] + k;
