@@ -130,10 +130,9 @@ ROUNDS = int(os.environ.get("PI_BENCH_ROUNDS", "15"))
 def _numpy_gemv():
     """The machine's read bandwidth yardstick (the kernels suite's: numpy's dense f32 GEMV over 180 MB,
     far larger than L3): (call, bytes)."""
-    from ci.bench_kernels import N_EMBD, N_FF
+    from ci.bench_kernels import _yardstick_data
 
-    w = np.random.default_rng(0).standard_normal((N_FF, N_EMBD)).astype(np.float32)
-    x = np.random.default_rng(2).standard_normal(N_EMBD).astype(np.float32)
+    w, x = _yardstick_data()
     return (lambda: w @ x), w.nbytes
 
 

@@ -10,7 +10,6 @@ after `read_into_memory()`, one private in-memory copy of the file instead of th
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -211,9 +210,8 @@ class GGUFFile:
         """Back every tensor view handed out from now on by one private in-memory copy of the file
         instead of the shared mapping (llama.cpp's --no-mmap). The copy is anonymous memory, which
         numpy advises as huge pages; the file's page cache is dropped afterwards, so the model is
-        still in RAM once. Why: on the VMs measured here, a page cache filled hours before streamed
-        slower than fresh memory (Q4_0 decode 10-15%; no difference on pages just read); the price is
-        that the weights are private memory the kernel can no longer evict. Call it before
+        still in RAM once. The price is that the weights are private memory the kernel can no longer
+        evict; since prefetch() maps the file in huge pages too, it is no faster. Call it before
         taking tensor views: views taken earlier keep pointing into the mapping."""
         if self._mm is None:
             raise self._error("file is closed")
@@ -233,11 +231,7 @@ class GGUFFile:
                     pos += n
                 mapped, self._mm = self._mm, data
                 del mapped  # unmapped (unless a view from before still holds it), so the advice below applies
-                if hasattr(os, "posix_fadvise"):
-                    try:
-                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                    except OSError:
-                        pass  # advice only: a second, evictable copy stays in the page cache
+                page_cache.drop_file_cache(f.fileno())  # else a second, evictable copy stays cached
         except OSError as exc:
             raise GGUFError(self.path, f"cannot read into memory: {exc.strerror or exc}") from None
         finally:

@@ -65,8 +65,17 @@ def huge_mapped_bytes(address: int) -> int | None:
     return None
 
 
-def make_resident(raw: mmap.mmap, address: int, size: int, fd_path: str) -> str:
-    """Steps 1-3 above for the mapping `raw` of the file at `fd_path` (mapped at `address`, `size`
+def drop_file_cache(fd: int) -> None:
+    """Drop the file's clean cached pages that no mapping holds (advice: a failure changes nothing)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def make_resident(raw: mmap.mmap, address: int, size: int, path: str) -> str:
+    """Steps 1-3 above for the mapping `raw` of the file at `path` (mapped at `address`, `size`
     bytes). Returns what was done: 'huge' (resident, huge pages), 'resident' (resident, small pages),
     're-read' (step 3 ran) or 'advised' (only MADV_WILLNEED)."""
     _advise(raw, getattr(mmap, "MADV_HUGEPAGE", None))
@@ -82,16 +91,15 @@ def make_resident(raw: mmap.mmap, address: int, size: int, fd_path: str) -> str:
         return "huge" if huge else "resident"
     if huge == 0 or not hasattr(os, "posix_fadvise"):
         return "resident"  # no file huge pages here at all (filesystem, kernel or THP setting)
+    # first this mapping's pages go (MADV_DONTNEED unmaps them; the file is unchanged), then the
+    # cache's unmapped pages (other processes' mapped pages stay)
+    _advise(raw, getattr(mmap, "MADV_DONTNEED", None))
     try:
-        fd = os.open(fd_path, os.O_RDONLY)
-        try:
-            # first this mapping's pages go (MADV_DONTNEED unmaps them; the file is unchanged), then
-            # the cache's unmapped pages (other processes' mapped pages stay)
-            _advise(raw, getattr(mmap, "MADV_DONTNEED", None))
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        pass
+        fd = None
+    if fd is not None:
+        drop_file_cache(fd)
+        os.close(fd)
     _advise(raw, MADV_POPULATE_READ)
     return "re-read"
