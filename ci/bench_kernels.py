@@ -21,9 +21,14 @@ DENSITIES = {"100": 1.0, "20": 0.2, "10": 0.1, "5": 0.05}
 
 @functools.lru_cache(maxsize=None)
 def layer(tname: str):
-    """gate, up, down_t of one layer in a weight type (cached: quantizing 135M values takes seconds)."""
+    """gate, up, down_t of one layer in a weight type (cached: quantizing 135M values takes seconds),
+    in the layout the engine runs them: Q4_0 gate / up regrouped as Q4_0X16 where that is faster
+    (weights.regroup_q4_0); down_t, read by axpy, stays Q4_0."""
     rng = np.random.default_rng(0)
-    return tuple(make_matrix(rng, N_FF, N_EMBD, TYPES[tname], 0.02)[0] for _ in range(3))
+    gate, up, down = (make_matrix(rng, N_FF, N_EMBD, TYPES[tname], 0.02)[0] for _ in range(3))
+    if TYPES[tname] == native.TYPE_Q4_0 and native.q4_0x16_pays(N_EMBD):
+        gate, up = (native.convert(m, native.TYPE_Q4_0X16) for m in (gate, up))
+    return gate, up, down
 
 
 def active_set(density: float) -> np.ndarray:

@@ -30,6 +30,8 @@ def _engine_options(args) -> dict:
             opts[flag] = True
     if getattr(args, "no_mmap", False):
         opts["use_mmap"] = False
+    if getattr(args, "no_repack", False):
+        opts["repack"] = False
     return opts
 
 
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mmap", action="store_true",
                    help="read the weights into private memory instead of mapping the file (as llama.cpp's "
                         "--no-mmap); the RAM cannot be reclaimed")
+    g.add_argument("--no-repack", action="store_true",
+                   help="keep Q4_0 matrices in the file's layout (default: regrouped as Q4_0X16 where the "
+                        "CPU kernels read that faster, AVX-512)")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)

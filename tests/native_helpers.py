@@ -16,6 +16,8 @@ GGUF_TYPE = {
     native.TYPE_Q4_0: GT.Q4_0,
 }
 ALL_TYPES = list(GGUF_TYPE)
+# the CPU kernels also take pi_backend's own regrouping of Q4_0 (made from gguf's Q4_0 bytes)
+CPU_TYPES = ALL_TYPES + [native.TYPE_Q4_0X16]
 
 
 def make_matrix(rng: np.random.Generator, rows: int, cols: int, wtype: int, scale: float = 1.0):
@@ -23,13 +25,18 @@ def make_matrix(rng: np.random.Generator, rows: int, cols: int, wtype: int, scal
     dense = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
     if wtype == native.TYPE_F32:
         return native.Matrix(dense, wtype, rows, cols), dense
+    if wtype == native.TYPE_Q4_0X16:
+        m, ref = make_matrix(rng, rows, cols, native.TYPE_Q4_0, scale)
+        return native.convert(m, wtype), ref
     raw = np.ascontiguousarray(quants.quantize(dense, GGUF_TYPE[wtype]))
     ref = quants.dequantize(raw, GGUF_TYPE[wtype]).astype(np.float32).reshape(rows, cols)
     return native.Matrix(raw, wtype, rows, cols), ref
 
 
 def valid_cols(wtype: int, cols: int) -> int:
-    """Quantized rows must be whole 32-element blocks."""
+    """Quantized rows must be whole 32-element blocks (Q4_0X16: whole runs of 512)."""
+    if wtype == native.TYPE_Q4_0X16:
+        return max(512, cols // 512 * 512)
     return cols if wtype in (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16) else max(32, cols // 32 * 32)
 
 

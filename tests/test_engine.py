@@ -197,3 +197,37 @@ def test_bad_files_and_options_fail_clearly(tmp_path, relu_model):
     m = pi_backend.load(relu_model.path)
     with pytest.raises(ValueError, match="tokens"):
         m.forward([10**7])
+
+
+def test_q4_0x16_regrouping_changes_the_layout_not_the_logits(tmp_path):
+    """repack (the default) regroups the Q4_0 matrices that dot products read as Q4_0X16 where the
+    kernels gain from it; the products are the same integer block sums, summed in another float
+    order. The file itself is never written, also when a --no-mmap copy is converted in place."""
+    from pi_backend import native
+
+    fm = write_llama_model(tmp_path / "q4.powerinfer.gguf", n_embd=512, n_ff=1024, n_layer=2, n_head=8,
+                           ffn_act="reglu", powerinfer=True, predictor_rank=512, weight_type="q4_0", seed=4)
+    before = fm.path.read_bytes()
+    tokens = [1, 450, 4996, 17354, 1701, 29916]
+    plain = pi_backend.load(fm.path, repack=False)
+    regrouped = pi_backend.load(fm.path)
+    copied = pi_backend.load(fm.path, use_mmap=False)
+    lw, plain_lw = regrouped.weights.layers[0], plain.weights.layers[0]
+    assert plain_lw.up.wtype == native.TYPE_Q4_0
+    if native.q4_0x16_pays(512):
+        for name in ("wq", "wk", "wv", "wo", "gate", "up", "fc1", "fc2"):
+            assert getattr(lw, name).wtype == native.TYPE_Q4_0X16, name
+        assert regrouped.weights.output.wtype == native.TYPE_Q4_0X16
+        assert copied.weights.layers[1].gate.wtype == native.TYPE_Q4_0X16
+    assert lw.down_t.wtype == native.TYPE_Q4_0  # read by axpy: stays as the file has it
+    assert regrouped.weights.token_embd.wtype == native.TYPE_Q4_0
+    for name in ("gate", "wo"):  # the same values, row for row
+        np.testing.assert_array_equal(native.dequantize_rows(getattr(lw, name), np.arange(5, dtype=np.int32)),
+                                      native.dequantize_rows(getattr(plain_lw, name), np.arange(5, dtype=np.int32)))
+    want = plain.forward(tokens, all_logits=True)
+    got = regrouped.forward(tokens, all_logits=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(copied.forward(tokens, all_logits=True), got)
+    for t in (450, 29916):
+        np.testing.assert_allclose(regrouped.forward([t]), plain.forward([t]), rtol=0, atol=1e-5 * np.abs(want).max())
+    assert fm.path.read_bytes() == before

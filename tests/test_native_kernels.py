@@ -13,10 +13,10 @@ from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
 from pi_backend import native
-from tests.native_helpers import ALL_TYPES, assert_close, attention_np, make_matrix, valid_cols
+from tests.native_helpers import CPU_TYPES, assert_close, attention_np, make_matrix, valid_cols
 
-TYPE_IDS = [native.TYPE_NAMES[t] for t in ALL_TYPES]
-QUANT_TYPES = (native.TYPE_Q8_0, native.TYPE_Q4_0)
+TYPE_IDS = [native.TYPE_NAMES[t] for t in CPU_TYPES]
+QUANT_TYPES = (native.TYPE_Q8_0, native.TYPE_Q4_0, native.TYPE_Q4_0X16)
 
 
 def q8_activations(x):
@@ -66,7 +66,7 @@ def ffn_reference(act, g_ref, u_ref, d_ref, x, idx, wtype=native.TYPE_F32):
     return h @ d_ref[idx].astype(np.float64)
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("rows,cols", [(37, 96), (8, 67), (1, 32), (130, 257)])
 @pytest.mark.parametrize("n_tok", [1, 3, 17])
 def test_gemm_matches_numpy(isa, wtype, rows, cols, n_tok):
@@ -79,7 +79,7 @@ def test_gemm_matches_numpy(isa, wtype, rows, cols, n_tok):
     assert_close(native.gemm(W, x[0]), xr[0] @ ref.T.astype(np.float64))
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("n_tok", [1, 5])
 def test_sparse_rows_reads_only_listed_rows(isa, wtype, n_tok):
     rng = np.random.default_rng(7)
@@ -93,7 +93,7 @@ def test_sparse_rows_reads_only_listed_rows(isa, wtype, n_tok):
         assert_close(y, act_ref(x, wtype) @ ref[idx].T.astype(np.float64))
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("n_tok", [1, 3])
 def test_a_rows_result_does_not_depend_on_its_neighbours(isa, wtype, n_tok):
     """Rows go through the kernels four at a time (dot4) and one at a time for the rest of a chunk;
@@ -130,19 +130,21 @@ def quant_probe_activations(rng, n_blocks=24):
     return x.reshape(-1)
 
 
-@pytest.mark.parametrize("wtype", QUANT_TYPES, ids=["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("wtype", QUANT_TYPES, ids=["Q8_0", "Q4_0", "Q4_0X16"])
 def test_activation_quantization_is_llama_cpps(isa, wtype):
     """A one-hot weight row j makes y[j] = w_jj * (the quantized x_j), so every activation value the
     kernel used is read back: each ISA variant must quantize exactly as q8_activations (one q off by
     one moves y by >= 1/127 relative, one fp16 step of d by 1/1024; the tolerance only absorbs float
     rounding)."""
     rng = np.random.default_rng(8)
-    x = quant_probe_activations(rng)
+    x4 = wtype == native.TYPE_Q4_0X16
+    x = quant_probe_activations(rng, 32 if x4 else 24)  # Q4_0X16: whole runs of 16 blocks
     n = x.size
     eye = np.eye(n, dtype=np.float32)
-    gt = {native.TYPE_Q8_0: GT.Q8_0, native.TYPE_Q4_0: GT.Q4_0}[wtype]
+    gt = GT.Q8_0 if wtype == native.TYPE_Q8_0 else GT.Q4_0
     raw = np.ascontiguousarray(quants.quantize(eye, gt))
-    W = native.Matrix(raw, wtype, n, n)
+    W = native.Matrix(raw, native.TYPE_Q4_0 if x4 else wtype, n, n)
+    W = native.convert(W, wtype) if x4 else W
     diag = np.diag(quants.dequantize(raw, gt).reshape(n, n)).astype(np.float64)
     want = act_ref(x, wtype) * diag
     for got in (native.gemm(W, x), native.gemm(W, np.stack([x, x]))[1],
@@ -154,7 +156,7 @@ def test_activation_quantization_is_llama_cpps(isa, wtype):
     assert set(differs) == {1, 2, 9}
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 def test_nonfinite_activations_propagate(isa, wtype):
     """An inf or NaN activation makes every output non-finite, for quantized rows as for float ones."""
     rng = np.random.default_rng(9)
@@ -166,7 +168,7 @@ def test_nonfinite_activations_propagate(isa, wtype):
         assert not np.isfinite(native.gemm(W, x)).any()
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("n_tok", [1, 4])
 @pytest.mark.parametrize("cols", [512, 96, 1056])
 def test_sparse_axpy_accumulates_rows(isa, wtype, n_tok, cols):
@@ -191,7 +193,7 @@ def test_sparse_axpy_accumulates_rows(isa, wtype, n_tok, cols):
         assert_close(y, y0 + h.astype(np.float64) @ ref[idx].astype(np.float64))
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("act", ["reglu", "drelu", "relu", "swiglu", "geglu", "gelu"])
 @pytest.mark.parametrize("n_tok", [1, 6, 21])  # 21: past the kernel's 16-token slices
 def test_sparse_ffn_matches_dense_reference(isa, wtype, act, n_tok):
@@ -247,11 +249,11 @@ def test_swiglu_skip_threshold_is_the_cats_cut(isa):
     assert_close(y, ffn_reference("swiglu", g_ref, u_ref, d_ref, x, keep), rtol=5e-5)
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("n_tok", [1, 3])
 def test_predictor_matches_numpy(isa, wtype, n_tok):
     rng = np.random.default_rng(21)
-    n_embd, rank, n_ff = valid_cols(wtype, 96), 32, 500
+    n_embd, rank, n_ff = valid_cols(wtype, 96), valid_cols(wtype, 32), 500
     fc1, f1 = make_matrix(rng, rank, n_embd, wtype, 0.3)
     fc2, f2 = make_matrix(rng, n_ff, rank, wtype, 0.3)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
@@ -279,7 +281,7 @@ def test_predictor_batch_is_the_union_even_past_a_nan_token(isa):
     assert list(native.predict(fc1, fc2, x[[1, 0, 2]], 0.2)) == sorted(union)
 
 
-@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
 def test_results_do_not_depend_on_thread_count(isa, wtype):
     rng = np.random.default_rng(5)
     n_ff, n_embd = 1024, valid_cols(wtype, 520)  # 520: float rows split between threads at any column
@@ -353,3 +355,46 @@ def test_attention_matches_numpy(n_tok, n_past, n_head, n_head_kv, d):
         native.attention(q, K16, V, n_past)  # one type for both
     with pytest.raises(TypeError, match="k_cache"):
         native.attention(q, K.astype(np.float64), V, n_past)
+
+
+def test_q4_0x16_is_q4_0_regrouped_both_ways():
+    """Q4_0 -> Q4_0X16 -> Q4_0 gives back the same bytes, into a new buffer or in place; each run of
+    16 blocks keeps its bytes (scales first, then the nibbles as the header's slabs say)."""
+    rng = np.random.default_rng(31)
+    W, ref = make_matrix(rng, 9, 1024, native.TYPE_Q4_0)
+    raw = W.buffer.reshape(-1).view(np.uint8)
+    X = native.convert(W, native.TYPE_Q4_0X16)
+    assert X.nbytes == W.nbytes and X.row_stride == W.row_stride
+    run = X.buffer[:288]
+    blocks = raw[:288].reshape(16, 18)
+    np.testing.assert_array_equal(run[:32].reshape(16, 2), blocks[:, :2])  # the 16 scales
+    slabs = run[32:].reshape(4, 16, 4)  # slab m, lane l = qs[4m:4m+4] of block l
+    np.testing.assert_array_equal(slabs, blocks[:, 2:].reshape(16, 4, 4).transpose(1, 0, 2))
+    np.testing.assert_array_equal(native.convert(X, native.TYPE_Q4_0).buffer, raw)
+    np.testing.assert_array_equal(native.dequantize_rows(X), ref)
+    buf = X.buffer.copy()
+    inplace = native.convert(native.Matrix(buf, native.TYPE_Q4_0X16, 9, 1024), native.TYPE_Q4_0, out=buf)
+    assert inplace.buffer.ctypes.data == buf.ctypes.data
+    np.testing.assert_array_equal(buf, raw)
+
+
+def test_q4_0x16_conversion_refuses_what_it_cannot_do():
+    rng = np.random.default_rng(32)
+    W, _ = make_matrix(rng, 4, 1024, native.TYPE_Q4_0)
+    with pytest.raises(ValueError, match="cols: 96"):
+        native.convert(make_matrix(rng, 4, 96, native.TYPE_Q4_0)[0], native.TYPE_Q4_0X16)
+    with pytest.raises(ValueError, match="only Q4_0 <-> Q4_0X16"):
+        native.convert(make_matrix(rng, 4, 1024, native.TYPE_F16)[0], native.TYPE_Q4_0X16)
+    with pytest.raises(ValueError, match="out: 100 bytes"):
+        native.convert(W, native.TYPE_Q4_0X16, out=np.zeros(100, np.uint8))
+    with pytest.raises(ValueError, match="out: may overlap"):  # a shifted overlap would read converted bytes
+        big = np.zeros(W.nbytes + 288, np.uint8)
+        big[:W.nbytes] = W.buffer.reshape(-1).view(np.uint8)
+        native.convert(native.Matrix(big, native.TYPE_Q4_0, 4, 1024), native.TYPE_Q4_0X16, out=big[288:])
+    with pytest.raises(ValueError, match="Q4_0X16"):  # a view of a Q4_0X16 matrix needs whole runs
+        native.Matrix(np.zeros(4 * 288, np.uint8), native.TYPE_Q4_0X16, 4, 256)
+    # the C side checks on its own: a buffer one byte short
+    m = native.Matrix(np.zeros(4 * 576, np.uint8), native.TYPE_Q4_0X16, 4, 1024)
+    out = np.zeros(4 * 576 - 1, np.uint8)
+    rc = native.lib.pi_convert_rows(m._desc, native.TYPE_Q4_0, native.ffi.from_buffer(out), out.nbytes, 1)
+    assert rc == native.lib.PI_ERR_CAPACITY

@@ -17,7 +17,7 @@ from pi_backend import native
 from pi_backend.engine.executors import CpuExecutor, CpuThreadExecutor, gpu_available, gpu_executor, gpu_free_bytes
 from pi_backend.engine.falcon import forward_falcon
 from pi_backend.engine.ffn import MODES, RELU_FAMILY, SparseFFN
-from pi_backend.engine.weights import Weights, load_weights
+from pi_backend.engine.weights import Weights, load_weights, regroup_q4_0
 from pi_backend.model.config import ModelConfig
 from pi_backend.model.gguf_file import GGUFFile
 
@@ -47,6 +47,7 @@ class EngineOptions:
     placement_cost: CostModel | None = None  # the placement's cost model (default: GPU, or the CPU stand-in)
     use_mmap: bool = True              # False: weights read into private memory (llama.cpp's --no-mmap)
     kv_type: str = "f16"               # KV cache element type: f16 (llama.cpp's default) | f32
+    repack: bool = True                # Q4_0 matrices read by dot products regrouped as Q4_0X16 where faster
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -113,6 +114,8 @@ class Model:
                 self.gguf.read_into_memory()
             self.config = ModelConfig.from_gguf(self.gguf, ffn_act=self.options.ffn_act)
             self.weights: Weights = load_weights(self.gguf, self.config)
+            if self.options.repack:
+                regroup_q4_0(self.gguf, self.weights, self.options.n_threads)
         except Exception:
             self.gguf.close()
             raise

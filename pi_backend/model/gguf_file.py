@@ -10,6 +10,7 @@ after `read_into_memory()`, one private in-memory copy of the file instead of th
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -173,6 +174,7 @@ class GGUFFile:
         self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: np.memmap | None = None
+        self._private: np.ndarray | None = None  # the writable in-memory copy (read_into_memory)
         try:
             self.file_size = os.path.getsize(self.path)
         except OSError as exc:
@@ -236,11 +238,41 @@ class GGUFFile:
             raise GGUFError(self.path, f"cannot read into memory: {exc.strerror or exc}") from None
         finally:
             view.release()
-        data.flags.writeable = False
+        self._private = data
+        self._mm = data.view()
+        self._mm.flags.writeable = False
+
+    def _offset(self, base: np.ndarray | None, view: np.ndarray) -> int | None:
+        if base is None:
+            return None
+        off = view.ctypes.data - base.ctypes.data
+        return off if 0 <= off and off + view.nbytes <= base.nbytes else None
+
+    def writable(self, view: np.ndarray) -> np.ndarray | None:
+        """A writable uint8 alias of a tensor view when this file's bytes are a private in-memory copy
+        (read_into_memory), so the view can be converted in place; None for the shared mapping."""
+        off = self._offset(self._private, view)
+        return None if off is None else self._private[off: off + view.nbytes]
+
+    def release(self, view: np.ndarray) -> bool:
+        """Drop this process's pages of the mapping under a view whose bytes will not be read again
+        (a tensor copied elsewhere), so the weights stay resident once. The file's page cache keeps
+        them (evictable); a later read would fault them back in. Whole pages inside the view only."""
+        raw = getattr(self._mm, "_mmap", None) if isinstance(self._mm, np.memmap) else None
+        off = self._offset(self._mm, view) if raw is not None else None
+        if off is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return False
+        page = mmap.PAGESIZE
+        start, stop = -(-off // page) * page, (off + view.nbytes) // page * page
+        if stop <= start:
+            return False
+        raw.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        return True
 
     def close(self) -> None:
         """Drop this object's mapping. Views handed out earlier stay valid (numpy keeps them alive)."""
         self._mm = None
+        self._private = None
 
     def __enter__(self) -> "GGUFFile":
         return self

@@ -16,7 +16,9 @@ from pi_backend.native._pi_native import ffi, lib
 # ---- constants, from the header
 TYPE_F32, TYPE_F16, TYPE_BF16 = lib.PI_TYPE_F32, lib.PI_TYPE_F16, lib.PI_TYPE_BF16
 TYPE_Q8_0, TYPE_Q4_0 = lib.PI_TYPE_Q8_0, lib.PI_TYPE_Q4_0
-TYPE_NAMES = {TYPE_F32: "F32", TYPE_F16: "F16", TYPE_BF16: "BF16", TYPE_Q8_0: "Q8_0", TYPE_Q4_0: "Q4_0"}
+TYPE_Q4_0X16 = lib.PI_TYPE_Q4_0X16  # pi_backend's regrouped Q4_0 (pi_backend.h); never in a GGUF file
+TYPE_NAMES = {TYPE_F32: "F32", TYPE_F16: "F16", TYPE_BF16: "BF16", TYPE_Q8_0: "Q8_0", TYPE_Q4_0: "Q4_0",
+              TYPE_Q4_0X16: "Q4_0X16"}
 ACTIVATIONS = {
     "reglu": lib.PI_ACT_REGLU,
     "drelu": lib.PI_ACT_DRELU,
@@ -27,7 +29,7 @@ ACTIVATIONS = {
 }
 UNGATED_ACTIVATIONS = ("relu", "gelu")  # h = act(up . x): no gate matrix
 ISAS = {"scalar": lib.PI_ISA_SCALAR, "avx2": lib.PI_ISA_AVX2, "avx512": lib.PI_ISA_AVX512}
-BLOCK_SIZE = {TYPE_Q8_0: lib.PI_QK8_0, TYPE_Q4_0: lib.PI_QK4_0}
+BLOCK_SIZE = {TYPE_Q8_0: lib.PI_QK8_0, TYPE_Q4_0: lib.PI_QK4_0, TYPE_Q4_0X16: lib.PI_COLS_Q4_0X16}
 _MAX_THREADS = lib.PI_MAX_THREADS
 # the numpy dtype a plain (unquantized) type is viewed as
 _PLAIN_DTYPES = {TYPE_F32: np.dtype(np.float32), TYPE_F16: np.dtype(np.float16), TYPE_BF16: np.dtype(np.uint16)}
@@ -230,6 +232,42 @@ def _threads(n_threads: int) -> int:
     if not isinstance(n_threads, (int, np.integer)) or not 0 <= n_threads <= _MAX_THREADS:
         raise ValueError(f"n_threads: must be an int in [0, {_MAX_THREADS}] (0 = default), got {n_threads!r}")
     return int(n_threads)
+
+
+def convert(m: "Matrix", wtype: int, out: np.ndarray | None = None, n_threads: int = 0) -> "Matrix":
+    """m's rows (contiguous) in another layout of the same values: Q4_0 <-> Q4_0X16. Into a new buffer,
+    or into `out` (uint8, writable, large enough), which may be m's own buffer when its rows are
+    contiguous: an in-place conversion."""
+    m = _matrix(m, "m")
+    if wtype not in TYPE_NAMES:
+        raise ValueError(f"wtype: unsupported weight type {wtype!r}; supported: {sorted(TYPE_NAMES.values())}")
+    q4 = (TYPE_Q4_0, TYPE_Q4_0X16)
+    if wtype != m.wtype and not (m.wtype in q4 and wtype in q4):
+        raise ValueError(f"wtype: cannot convert {m.type_name} rows to {TYPE_NAMES[wtype]} (only Q4_0 <-> Q4_0X16)")
+    need = m.rows * row_bytes(wtype, m.cols)
+    if out is None:
+        out = np.empty(need, np.uint8)
+    else:
+        out = _require(out, "out", np.uint8, writable=True)
+        if out.nbytes < need:
+            raise ValueError(f"out: {out.nbytes} bytes cannot hold {m.rows}x{m.cols} {TYPE_NAMES[wtype]} ({need})")
+        if np.shares_memory(out, m.buffer) and not (m.row_stride == row_bytes(m.wtype, m.cols)
+                                                    and out.ctypes.data == m.buffer.ctypes.data):
+            raise ValueError("out: may overlap m's buffer only as the same contiguous rows (in place)")
+    _check("pi_convert_rows", lib.pi_convert_rows(m._desc, wtype, ffi.from_buffer(out), out.nbytes,
+                                                  _threads(n_threads)))
+    return Matrix(out.reshape(-1)[:need], wtype, m.rows, m.cols)
+
+
+def as_gguf_layout(m: "Matrix") -> "Matrix":
+    """m itself, or for Q4_0X16 its rows back in GGUF's Q4_0 layout (what device kernels read)."""
+    return convert(m, TYPE_Q4_0) if m.wtype == TYPE_Q4_0X16 else m
+
+
+def q4_0x16_pays(cols: int) -> bool:
+    """Whether Q4_0 rows of this length multiply faster as Q4_0X16 with the active kernels: whole runs
+    of 512, and a variant with kernels of its own for the layout (AVX-512; the others unpack it)."""
+    return cols % lib.PI_COLS_Q4_0X16 == 0 and lib.pi_isa_active() == lib.PI_ISA_AVX512
 
 
 # ---- ops

@@ -255,9 +255,11 @@ class Device:
         return self.empty(a.shape, a.dtype).copy_from(a, stream)
 
     def matrix(self, m: "native.Matrix", stream=None) -> DeviceMatrix:
-        """Upload a host pi_backend.native.Matrix (its whole buffer, same layout)."""
+        """Upload a host pi_backend.native.Matrix (its whole buffer, same layout; the CPU's own
+        Q4_0X16 regrouping goes back to GGUF's Q4_0, the layout the device kernels read)."""
         if not isinstance(m, native.Matrix):
             raise TypeError(f"m: expected pi_backend.native.Matrix, got {type(m).__name__}")
+        m = native.as_gguf_layout(m)
         raw = np.frombuffer(m.buffer.reshape(-1).view(np.uint8), np.uint8)
         return DeviceMatrix(self.to_device(raw, stream), m.wtype, m.rows, m.cols, m.row_stride)
 

@@ -11,7 +11,7 @@
 #include <string.h>
 #include "../include/pi_backend.h"
 
-enum { PI_T_F32, PI_T_F16, PI_T_BF16, PI_T_Q8_0, PI_T_Q4_0, PI_T_COUNT };
+enum { PI_T_F32, PI_T_F16, PI_T_BF16, PI_T_Q8_0, PI_T_Q4_0, PI_T_Q4_0X16, PI_T_COUNT };
 
 /* Activations of one token quantized to Q8 blocks, the form Q8_0 and Q4_0 rows are multiplied with
  * (llama.cpp's vec_dot_type), exactly as llama.cpp's x86 CPU backend does it (quantize_row_q8_0 and
@@ -27,7 +27,23 @@ typedef struct pi_xq {
                          * (elements 16-31) -128 * (sum of each 4 qs), as the high nibbles are
                          * multiplied in place, i.e. times 16 (see kernels_avx512.c) */
     const float *d;     /* [n / 32] block scales, fp16-rounded, as float */
+    /* for Q4_0X16 rows only (else NULL), made from qs by pi_xq_regroup: */
+    const int8_t *qs16;   /* [n]: qs regrouped as the weights of a Q4_0X16 run: in each run of 512,
+                           * slab s (64 bytes) lane l = bytes 4s .. 4s + 3 of block l's 32 qs */
+    const int32_t *bsum;  /* [n / 32]: -8 * (sum of the block's 32 qs), the "- 8" of its nibbles */
 } pi_xq;
+
+/* qs16 and bsum from qs, n a multiple of PI_COLS_Q4_0X16 */
+static inline void pi_xq_regroup(const int8_t *qs, int64_t n, int8_t *qs16, int32_t *bsum) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += qs[32 * b + j];
+        bsum[b] = -8 * s;
+    }
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++)
+        for (int l = 0; l < 16; l++)
+            for (int sl = 0; sl < 8; sl++) memcpy(qs16 + 512 * c + 64 * sl + 4 * l, qs + 512 * c + 32 * l + 4 * sl, 4);
+}
 
 /* x -> (qs, off, d) for n a multiple of 32 */
 typedef void (*pi_quantize_x_fn)(const float *x, int64_t n, int8_t *qs, int32_t *off, float *d);
@@ -76,7 +92,9 @@ extern float pi_fp16_table[1 << 16];
 void pi_kernels_init(void);
 
 /* is this weight type multiplied with quantized activations (pi_xq)? */
-static inline int pi_slot_is_quant(int slot) { return slot == PI_T_Q8_0 || slot == PI_T_Q4_0; }
+static inline int pi_slot_is_quant(int slot) {
+    return slot == PI_T_Q8_0 || slot == PI_T_Q4_0 || slot == PI_T_Q4_0X16;
+}
 
 /* Prefetch (into L2) the row pf as a kernel consumes its own row in consecutive steps of at most
  * 64 * LINES bytes: called once per step with the step's first byte, it prefetches LINES lines 64 bytes
@@ -108,6 +126,60 @@ typedef struct { uint16_t d; int8_t qs[PI_QK8_0]; } pi_block_q8_0;
 typedef struct { uint16_t d; uint8_t qs[PI_QK4_0 / 2]; } pi_block_q4_0;
 _Static_assert(sizeof(pi_block_q8_0) == PI_BLOCK_BYTES_Q8_0, "Q8_0 block layout");
 _Static_assert(sizeof(pi_block_q4_0) == PI_BLOCK_BYTES_Q4_0, "Q4_0 block layout");
+
+/* One Q4_0X16 run (PI_BYTES_Q4_0X16 bytes) <-> its 16 Q4_0 blocks */
+static inline void pi_x16_unpack_run(const uint8_t *run, pi_block_q4_0 *b) {
+    for (int l = 0; l < 16; l++) {
+        memcpy(&b[l].d, run + 2 * l, 2);
+        for (int m = 0; m < 4; m++) memcpy(b[l].qs + 4 * m, run + 32 + 64 * m + 4 * l, 4);
+    }
+}
+static inline void pi_x16_pack_run(const pi_block_q4_0 *b, uint8_t *run) {
+    for (int l = 0; l < 16; l++) {
+        memcpy(run + 2 * l, &b[l].d, 2);
+        for (int m = 0; m < 4; m++) memcpy(run + 32 + 64 * m + 4 * l, b[l].qs + 4 * m, 4);
+    }
+}
+
+/* the Q4_0 view of run c of a token's quantized activations */
+static inline pi_xq pi_xq_run(const pi_xq *x, int64_t c) {
+    return (pi_xq){x->qs + 512 * c, x->off + 128 * c, x->d + 16 * c, NULL, NULL};
+}
+
+/* Q4_0X16 kernels that unpack each run to Q4_0 blocks and call a variant's Q4_0 kernels: correct
+ * everywhere, and the layout is only chosen where a variant has fast kernels of its own (AVX-512).
+ * axpy and to_f32 give exactly the Q4_0 results (the same per-element operations). */
+#define PI_Q4_0X16_DOT_BY_RUNS(name, dot_q4_0)                                                   \
+    static float name(const void *row, const void *xv, int64_t n, const void *pf) {             \
+        (void)pf;                                                                               \
+        pi_block_q4_0 b[16];                                                                    \
+        float s = 0.0f;                                                                         \
+        for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {                                     \
+            const pi_xq xc = pi_xq_run((const pi_xq *)xv, c);                                   \
+            pi_x16_unpack_run((const uint8_t *)row + PI_BYTES_Q4_0X16 * c, b);                  \
+            s += dot_q4_0(b, &xc, PI_COLS_Q4_0X16, NULL);                                       \
+        }                                                                                       \
+        return s;                                                                               \
+    }
+#define PI_Q4_0X16_AXPY_BY_RUNS(name, to_f32_name, axpy_q4_0)                                    \
+    static void name(const void *const *rows, const float *a, int nr, float *y, int64_t n,      \
+                     const void *const *pf, int npf) {                                          \
+        (void)pf; (void)npf;                                                                    \
+        pi_block_q4_0 b[PI_AXPY_ROWS][16];                                                      \
+        const void *rp[PI_AXPY_ROWS];                                                           \
+        for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {                                     \
+            for (int r = 0; r < nr; r++) {                                                      \
+                pi_x16_unpack_run((const uint8_t *)rows[r] + PI_BYTES_Q4_0X16 * c, b[r]);       \
+                rp[r] = b[r];                                                                   \
+            }                                                                                   \
+            axpy_q4_0(rp, a, nr, y + PI_COLS_Q4_0X16 * c, PI_COLS_Q4_0X16, NULL, 0);            \
+        }                                                                                       \
+    }                                                                                           \
+    static void to_f32_name(const void *row, float *out, int64_t n) {                           \
+        const float one = 1.0f;                                                                 \
+        memset(out, 0, (size_t)n * 4);                                                          \
+        name(&row, &one, 1, out, n, NULL, 0);                                                   \
+    }
 
 /* IEEE half -> float without F16C, exact for every input (subnormals, inf, nan) */
 static inline float pi_fp16_to_fp32(uint16_t h) {
@@ -165,6 +237,7 @@ static inline int pi_type_slot(int32_t type) {
     case PI_TYPE_BF16: return PI_T_BF16;
     case PI_TYPE_Q8_0: return PI_T_Q8_0;
     case PI_TYPE_Q4_0: return PI_T_Q4_0;
+    case PI_TYPE_Q4_0X16: return PI_T_Q4_0X16;
     default: return -1;
     }
 }

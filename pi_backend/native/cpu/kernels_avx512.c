@@ -193,6 +193,55 @@ PI_DOT4_BY_ONE(dot4_f32, dot_f32)
 PI_DOT4_BY_ONE(dot4_f16, dot_f16)
 PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 
+/* Q4_0X16 (pi_backend.h): per run of 16 blocks, four 64-byte loads per row. Each is masked twice, with
+ * 0x0f (the nibbles of elements 4m..4m+3 of block l in lane l) and 0xf0 (16 times those of 16+4m..),
+ * and multiplied by the activation bytes regrouped the same way (qs16): after 8 vpdpbusd, lane l holds
+ * block l's whole integer dot (the high sum, exact multiple of 16, shifted back; bsum supplies the
+ * "- 8"). Then one conversion and one FMA with the 16 weight scales times the 16 activation scales:
+ * per block and row ~1.4 512-bit ops instead of ~5 256-bit ones (C harness, in cache, one Zen 4 core:
+ * 1.18 vs 2.18 cycles per block and row). NR rows share the activation loads; each row's operations
+ * are the same for NR = 1 and 4, so dot4 is four dots bit for bit. */
+static inline __attribute__((always_inline)) void dot_q4_0x16_rows(const void *const *rows, int NR, const pi_xq *x,
+                                                                   int64_t n, float *out, const void *const *pf) {
+    const __m512i m_lo = _mm512_set1_epi8(0x0f), m_hi = _mm512_set1_epi8((char)0xf0);
+    __m512 acc[4];
+    for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {
+        const int64_t at = PI_BYTES_Q4_0X16 * c;
+        if (pf)
+            for (int r = 0; r < NR; r++) PI_PREFETCH_STEP(pf[r], at, (PI_BYTES_Q4_0X16 + 63) / 64);
+        const int8_t *xq = x->qs16 + PI_COLS_Q4_0X16 * c;
+        __m512i lo[4], hi[4];
+        for (int r = 0; r < NR; r++) {
+            lo[r] = _mm512_loadu_si512(x->bsum + 16 * c);
+            hi[r] = _mm512_setzero_si512();
+        }
+        _Pragma("GCC unroll 4") for (int m = 0; m < 4; m++) {
+            const __m512i xl = _mm512_loadu_si512(xq + 64 * m), xh = _mm512_loadu_si512(xq + 256 + 64 * m);
+            _Pragma("GCC unroll 4") for (int r = 0; r < NR; r++) {
+                const __m512i v = _mm512_loadu_si512((const uint8_t *)rows[r] + at + 32 + 64 * m);
+                lo[r] = _mm512_dpbusd_epi32(lo[r], _mm512_and_si512(v, m_lo), xl);
+                hi[r] = _mm512_dpbusd_epi32(hi[r], _mm512_and_si512(v, m_hi), xh);
+            }
+        }
+        const __m512 xd = _mm512_loadu_ps(x->d + 16 * c);
+        for (int r = 0; r < NR; r++) {
+            const __m512i is = _mm512_add_epi32(lo[r], _mm512_srai_epi32(hi[r], 4));
+            const __m512 wd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint8_t *)rows[r] + at)));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(wd, xd), _mm512_cvtepi32_ps(is), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) out[r] = hsum(acc[r]);
+}
+static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void *pf) {
+    float out;
+    dot_q4_0x16_rows(&row, 1, (const pi_xq *)xv, n, &out, pf ? &pf : NULL);
+    return out;
+}
+static void dot4_q4_0x16(const void *const *rows, const void *xv, int64_t n, float *out, const void *const *pf) {
+    dot_q4_0x16_rows(rows, 4, (const pi_xq *)xv, n, out, pf);
+}
+
 /* ---- y += sum_r a[r] * rows[r]: a tile of y stays in registers while every row adds into it, so y
  * is loaded and stored once per call instead of once per row. Each element sees the rows in order.
  * The rows of the next group are prefetched over the same byte range as the tile consumes. */
@@ -288,6 +337,8 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
     }
 }
 
+PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
+
 /* ---- rows -> F32 */
 static void to_f32_f32(const void *row, float *out, int64_t n) { memcpy(out, row, (size_t)n * 4); }
 static void to_f32_f16(const void *row, float *out, int64_t n) {
@@ -315,10 +366,10 @@ static void to_f32_q4_0(const void *row, float *out, int64_t n) {
 
 const pi_kernel_table pi_kernels_avx512 = {
     "avx512",
-    {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
-    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0},
-    {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
-    {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
+    {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_0x16},
+    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0, dot4_q4_0x16},
+    {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_0x16},
+    {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
 };
 

@@ -189,12 +189,15 @@ PI_DOT4_BY_ONE(dot4_f16, dot_f16)
 PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 PI_DOT4_BY_ONE(dot4_q8_0, dot_q8_0)
 PI_DOT4_BY_ONE(dot4_q4_0, dot_q4_0)
+PI_Q4_0X16_DOT_BY_RUNS(dot_q4_0x16, dot_q4_0)
+PI_DOT4_BY_ONE(dot4_q4_0x16, dot_q4_0x16)
+PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 
 const pi_kernel_table pi_kernels_scalar = {
     "scalar",
-    {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0},
-    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0},
-    {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0},
-    {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0},
+    {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_0x16},
+    {dot4_f32, dot4_f16, dot4_bf16, dot4_q8_0, dot4_q4_0, dot4_q4_0x16},
+    {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_0x16},
+    {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
 };

@@ -122,6 +122,7 @@ int64_t pi_type_row_bytes(int32_t type, int64_t cols) {
     case PI_TYPE_BF16: return cols * 2;
     case PI_TYPE_Q8_0: return cols % PI_QK8_0 ? PI_ERR_ALIGN : cols / PI_QK8_0 * PI_BLOCK_BYTES_Q8_0;
     case PI_TYPE_Q4_0: return cols % PI_QK4_0 ? PI_ERR_ALIGN : cols / PI_QK4_0 * PI_BLOCK_BYTES_Q4_0;
+    case PI_TYPE_Q4_0X16: return cols % PI_COLS_Q4_0X16 ? PI_ERR_ALIGN : cols / PI_COLS_Q4_0X16 * PI_BYTES_Q4_0X16;
     default: return PI_ERR_TYPE;
     }
 }
@@ -254,12 +255,14 @@ typedef struct {
     pi_xq *tok; /* [n_tok] */
 } xq_buf;
 
-static int xq_prepare(const pi_kernel_table *k, const float *x, int64_t n_tok, int64_t cols, xq_buf *out) {
+static int xq_prepare(const pi_kernel_table *k, const float *x, int64_t n_tok, int64_t cols, int regroup,
+                      xq_buf *out) {
     out->mem = NULL;
     out->tok = NULL;
-    /* per token: qs [cols] int8, off [cols / 4] int32, d [cols / 32] float, each 64-byte aligned */
+    /* per token: qs [cols] int8, off [cols / 4] int32, d [cols / 32] float, and for Q4_0X16 rows
+     * (regroup) qs16 [cols] int8 and bsum [cols / 32] int32, each 64-byte aligned */
     const size_t qs_b = ((size_t)cols + 63) & ~(size_t)63, off_b = qs_b, d_b = ((size_t)cols / 8 + 63) & ~(size_t)63;
-    const size_t per = qs_b + off_b + d_b;
+    const size_t per = qs_b + off_b + d_b + (regroup ? qs_b + d_b : 0);
     if ((uint64_t)n_tok > SIZE_MAX / per / 2) return PI_ERR_NOMEM;
     out->mem = aligned_alloc(64, per * (size_t)n_tok);
     out->tok = malloc((size_t)n_tok * sizeof(pi_xq));
@@ -274,7 +277,14 @@ static int xq_prepare(const pi_kernel_table *k, const float *x, int64_t n_tok, i
         int32_t *off = (int32_t *)(base + qs_b);
         float *d = (float *)(base + qs_b + off_b);
         k->quantize_x(x + t * cols, cols, qs, off, d);
-        out->tok[t] = (pi_xq){qs, off, d};
+        out->tok[t] = (pi_xq){qs, off, d, NULL, NULL};
+        if (regroup) {
+            int8_t *qs16 = (int8_t *)(base + qs_b + off_b + d_b);
+            int32_t *bsum = (int32_t *)(base + 2 * qs_b + off_b + d_b);
+            pi_xq_regroup(qs, cols, qs16, bsum);
+            out->tok[t].qs16 = qs16;
+            out->tok[t].bsum = bsum;
+        }
     }
     return PI_OK;
 }
@@ -350,7 +360,7 @@ static int run_rows(const pi_matrix *W, const int32_t *idx, int64_t n_out, const
     const pi_kernel_table *k = K();
     xq_buf xq = {NULL, NULL};
     if (pi_slot_is_quant(pi_type_slot(W->type))) {
-        int rc = xq_prepare(k, x, n_tok, W->cols, &xq);
+        int rc = xq_prepare(k, x, n_tok, W->cols, W->type == PI_TYPE_Q4_0X16, &xq);
         if (rc) return rc;
     }
     int nth = pi_pool_resolve_threads(n_threads);
@@ -406,6 +416,65 @@ int pi_dequantize_rows(const pi_matrix *W, const int32_t *idx, int64_t n_idx, fl
     int slot = pi_type_slot(W->type);
     for (int64_t r = 0; r < n_idx; r++)
         k->to_f32[slot](row_ptr(W, idx ? idx[r] : r), out + r * W->cols, W->cols);
+    return PI_OK;
+}
+
+/* ------------------------------------------------------------------ layout conversion */
+
+typedef struct {
+    const pi_matrix *src;
+    int32_t dst_type;
+    uint8_t *dst;
+    int64_t dst_row_bytes;
+    _Atomic int64_t next;
+} convert_ctx;
+
+static void convert_task(void *p, int tid, int nth) {
+    (void)tid; (void)nth;
+    convert_ctx *c = (convert_ctx *)p;
+    const int64_t runs = c->src->cols / PI_COLS_Q4_0X16, rb = c->dst_row_bytes;
+    uint8_t run[PI_BYTES_Q4_0X16]; /* a run occupies the same bytes in both layouts: converting through
+                                    * a copy of it lets dst be src itself */
+    pi_block_q4_0 b[16];
+    for (;;) {
+        const int64_t r0 = atomic_fetch_add(&c->next, 64);
+        if (r0 >= c->src->rows) break;
+        const int64_t r1 = r0 + 64 < c->src->rows ? r0 + 64 : c->src->rows;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *s = row_ptr(c->src, r);
+            uint8_t *d = c->dst + r * rb;
+            if (c->src->type == c->dst_type) {
+                memmove(d, s, (size_t)rb);
+                continue;
+            }
+            for (int64_t k = 0; k < runs; k++) {
+                memcpy(run, s + PI_BYTES_Q4_0X16 * k, sizeof run);
+                if (c->dst_type == PI_TYPE_Q4_0X16) {
+                    pi_x16_pack_run((const pi_block_q4_0 *)run, d + PI_BYTES_Q4_0X16 * k);
+                } else {
+                    pi_x16_unpack_run(run, b);
+                    memcpy(d + PI_BYTES_Q4_0X16 * k, b, sizeof b);
+                }
+            }
+        }
+    }
+}
+
+int pi_convert_rows(const pi_matrix *src, int32_t dst_type, void *dst, int64_t dst_bytes, int n_threads) {
+    int rc = check_matrix(src);
+    if (rc) return rc;
+    if (!dst) return PI_ERR_NULL;
+    const int q4 = src->type == PI_TYPE_Q4_0 || src->type == PI_TYPE_Q4_0X16;
+    if (dst_type != src->type && !(q4 && (dst_type == PI_TYPE_Q4_0 || dst_type == PI_TYPE_Q4_0X16))) return PI_ERR_TYPE;
+    const int64_t rb = pi_type_row_bytes(dst_type, src->cols);
+    if (rb < 0) return (int)rb;
+    int64_t need;
+    if (!mul_ok(src->rows, rb, &need)) return PI_ERR_SHAPE;
+    if (dst_bytes < need) return PI_ERR_CAPACITY;
+    convert_ctx c = {src, dst_type, (uint8_t *)dst, rb, 0};
+    int nth = pi_pool_resolve_threads(n_threads);
+    if (nth > (src->rows + 63) / 64) nth = (int)((src->rows + 63) / 64);
+    pi_pool_run(convert_task, &c, nth);
     return PI_OK;
 }
 
@@ -488,6 +557,7 @@ static int run_axpy(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx, cons
     }
     int64_t unit = Wt->type == PI_TYPE_Q8_0 || Wt->type == PI_TYPE_Q4_0 ? 32 : 16;
     if (Wt->cols % unit) unit = Wt->type == PI_TYPE_Q8_0 || Wt->type == PI_TYPE_Q4_0 ? 32 : 1;
+    if (Wt->type == PI_TYPE_Q4_0X16) unit = PI_COLS_Q4_0X16; /* ranges of whole runs */
     int nth = pi_pool_resolve_threads(n_threads);
     /* below ~256 columns a thread's share is too small to pay for the dispatch */
     int64_t max_nth = Wt->cols / 256 > 0 ? Wt->cols / 256 : 1;
@@ -670,7 +740,9 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
     xq_buf xq = {NULL, NULL};
     if (!h || !keep || !fired || !kidx || !kh) { rc = PI_ERR_NOMEM; goto done; }
     if (pi_slot_is_quant(pi_type_slot(up->type)) || (gated && pi_slot_is_quant(pi_type_slot(gate->type))))
-        if ((rc = xq_prepare(k, x, n_tok, n_embd, &xq))) goto done;
+        if ((rc = xq_prepare(k, x, n_tok, n_embd,
+                             up->type == PI_TYPE_Q4_0X16 || (gated && gate->type == PI_TYPE_Q4_0X16), &xq)))
+            goto done;
 
     ffn_ctx c = {k, NULL, act, idx, n_idx, NULL, 0, x, xq.tok, n_tok, skip_threshold, h, keep, 0};
     const int nth = pi_pool_resolve_threads(n_threads);
