@@ -154,10 +154,12 @@ static inline pi_xq pi_xq_run(const pi_xq *x, int64_t c) {
         (void)pf;                                                                               \
         pi_block_q4_0 b[16];                                                                    \
         float s = 0.0f;                                                                         \
+        int64_t run = PI_COLS_Q4_0X16;                                                          \
+        __asm__("" : "+r"(run)); /* opaque: GCC warned about the inlined kernel's empty tail loop */ \
         for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {                                     \
             const pi_xq xc = pi_xq_run((const pi_xq *)xv, c);                                   \
             pi_x16_unpack_run((const uint8_t *)row + PI_BYTES_Q4_0X16 * c, b);                  \
-            s += dot_q4_0(b, &xc, PI_COLS_Q4_0X16, NULL);                                       \
+            s += dot_q4_0(b, &xc, run, NULL);                                                   \
         }                                                                                       \
         return s;                                                                               \
     }
