@@ -116,3 +116,24 @@ def test_attention_c_side_refuses_bad_sizes():
     assert lib.pi_attention(f(q), ffi.NULL, f(kv), F32, 5, 0, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_NULL
     assert lib.pi_attention(f(q), f(kv), f(kv), lib.PI_TYPE_Q8_0, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_TYPE
     assert lib.pi_attention(f(q), f(kv), f(kv), F32, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_OK
+
+
+def test_c_refuses_bad_q4_0x16_views_and_conversions():
+    """Q4_0X16 views are checked as any other (whole runs of 512, the buffer holds every row), and
+    pi_convert_rows refuses types it cannot convert and outputs too small, on the C side alone."""
+    raw = np.zeros(4 * 576, np.uint8)  # 4 rows of 1024 columns
+    x = np.ones(1024, np.float32)
+    y = np.zeros(4, np.float32)
+    xp, yp = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
+    good = _raw_desc(raw, lib.PI_TYPE_Q4_0X16, 4, 1024, 576)
+    assert lib.pi_gemm(good, xp, 1, yp, 1) == lib.PI_OK
+    assert lib.pi_gemm(_raw_desc(raw, lib.PI_TYPE_Q4_0X16, 5, 1024, 576), xp, 1, yp, 1) == lib.PI_ERR_BOUNDS
+    assert lib.pi_gemm(_raw_desc(raw, lib.PI_TYPE_Q4_0X16, 4, 992, 558), xp, 1, yp, 1) == lib.PI_ERR_ALIGN
+    out = np.zeros(4 * 576, np.uint8)
+    op = ffi.from_buffer(out)
+    assert lib.pi_convert_rows(good, lib.PI_TYPE_Q4_0, op, out.nbytes, 1) == lib.PI_OK
+    assert lib.pi_convert_rows(good, lib.PI_TYPE_Q4_0, op, out.nbytes - 1, 1) == lib.PI_ERR_CAPACITY
+    assert lib.pi_convert_rows(good, lib.PI_TYPE_F16, op, out.nbytes, 1) == lib.PI_ERR_TYPE
+    assert lib.pi_convert_rows(good, lib.PI_TYPE_Q4_0, ffi.NULL, out.nbytes, 1) == lib.PI_ERR_NULL
+    f32 = _raw_desc(np.zeros((4, 512), np.float32), lib.PI_TYPE_F32, 4, 512, 2048)
+    assert lib.pi_convert_rows(f32, lib.PI_TYPE_Q4_0X16, op, out.nbytes, 1) == lib.PI_ERR_TYPE
