@@ -398,3 +398,23 @@ def test_q4_0x16_conversion_refuses_what_it_cannot_do():
     out = np.zeros(4 * 576 - 1, np.uint8)
     rc = native.lib.pi_convert_rows(m._desc, native.TYPE_Q4_0, native.ffi.from_buffer(out), out.nbytes, 1)
     assert rc == native.lib.PI_ERR_CAPACITY
+
+
+@pytest.mark.parametrize("wtype", CPU_TYPES, ids=TYPE_IDS)
+def test_a_batch_gives_each_token_its_own_result(isa, wtype):
+    """Batched calls read each row once for several tokens (Q4_0X16 on AVX-512: a kernel that unpacks
+    a row's bytes once for up to PI_DOT_TOK_MAX tokens); every token's result must be the bits it gets
+    alone, or prefill and decode would disagree."""
+    rng = np.random.default_rng(41)
+    rows, cols = 37, valid_cols(wtype, 1024)
+    W, _ = make_matrix(rng, rows, cols, wtype)
+    x = rng.standard_normal((11, cols)).astype(np.float32)
+    alone = np.stack([native.gemm(W, x[t]) for t in range(len(x))])
+    np.testing.assert_array_equal(native.gemm(W, x), alone)
+    idx = rng.permutation(rows)[:13].astype(np.int32)
+    np.testing.assert_array_equal(native.sparse_rows(W, idx, x), alone[:, idx])
+    gate, up, down = (make_matrix(rng, 64, cols, wtype, 0.3)[0] for _ in range(3))
+    fidx = np.arange(0, 64, 2, dtype=np.int32)
+    batch = native.sparse_ffn(gate, up, down, x, fidx)
+    np.testing.assert_array_equal(batch, np.stack([native.sparse_ffn(gate, up, down, x[t:t + 1], fidx)[0]
+                                                   for t in range(len(x))]))

@@ -233,6 +233,38 @@ static inline __attribute__((always_inline)) void dot_q4_0x16_rows(const void *c
     }
     for (int r = 0; r < NR; r++) out[r] = hsum(acc[r]);
 }
+/* One row against nt tokens: per run the weight bytes are loaded and masked once, then each token takes
+ * the same operations as in dot_q4_0x16_rows (so the same bits), its activation bytes read from cache */
+static void dot_tok_q4_0x16(const void *row, const pi_xq *x, int nt, int64_t n, float *out, int64_t stride,
+                            const void *pf) {
+    const __m512i m_lo = _mm512_set1_epi8(0x0f), m_hi = _mm512_set1_epi8((char)0xf0);
+    __m512 acc[PI_DOT_TOK_MAX];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {
+        const int64_t at = PI_BYTES_Q4_0X16 * c;
+        PI_PREFETCH_STEP(pf, at, (PI_BYTES_Q4_0X16 + 63) / 64);
+        const uint8_t *w = (const uint8_t *)row + at;
+        __m512i wl[4], wh[4];
+        for (int m = 0; m < 4; m++) {
+            const __m512i v = _mm512_loadu_si512(w + 32 + 64 * m);
+            wl[m] = _mm512_and_si512(v, m_lo);
+            wh[m] = _mm512_and_si512(v, m_hi);
+        }
+        const __m512 wd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *xq = x[t].qs16 + PI_COLS_Q4_0X16 * c;
+            __m512i lo = _mm512_loadu_si512(x[t].bsum + 16 * c), hi = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int m = 0; m < 4; m++) {
+                lo = _mm512_dpbusd_epi32(lo, wl[m], _mm512_loadu_si512(xq + 64 * m));
+                hi = _mm512_dpbusd_epi32(hi, wh[m], _mm512_loadu_si512(xq + 256 + 64 * m));
+            }
+            const __m512i is = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_loadu_ps(x[t].d + 16 * c)), _mm512_cvtepi32_ps(is), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t * stride] = hsum(acc[t]);
+}
+
 static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void *pf) {
     float out;
     dot_q4_0x16_rows(&row, 1, (const pi_xq *)xv, n, &out, pf ? &pf : NULL);
@@ -371,6 +403,7 @@ const pi_kernel_table pi_kernels_avx512 = {
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_0x16},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
+    {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
 };
 
 #pragma GCC pop_options

@@ -322,12 +322,23 @@ static void rows_task(void *p, int tid, int nth) {
     const int64_t ahead = pf_rows_ahead(pi_type_row_bytes(c->W->type, cols));
     const pi_dot_fn dot = c->k->dot[slot];
     const pi_dot4_fn dot4 = c->k->dot4[slot];
+    const pi_dot_tok_fn dot_tok = T > 1 ? c->k->dot_tok[slot] : NULL;
 #define ROW(r) row_ptr(c->W, c->idx ? c->idx[r] : (r))
 #define AHEAD(r) (t == 0 ? chunks_ahead(&it, (r), ahead) : -1)
     chunk_iter it;
     chunks_start(&it, &c->next, c->n_out, c->chunk, c->guide);
     int64_t r0, r1;
     while (chunks_next(&it, &r0, &r1)) {
+        if (dot_tok) { /* several tokens per row: each weight byte unpacked once for all of them */
+            for (int64_t t = 0; t < T; t += PI_DOT_TOK_MAX) {
+                const int nt = (int)(T - t < PI_DOT_TOK_MAX ? T - t : PI_DOT_TOK_MAX);
+                for (int64_t r = r0; r < r1; r++) {
+                    const int64_t ra = AHEAD(r);
+                    dot_tok(ROW(r), c->xq + t, nt, cols, c->y + t * c->n_out + r, c->n_out, ra >= 0 ? ROW(ra) : NULL);
+                }
+            }
+            continue;
+        }
         /* token by token over the chunk: its rows come from DRAM once (prefetched on the first pass)
          * and stay in cache for the other tokens, whose activations are read once per chunk. Rows go
          * four at a time (dot4: the same results as one at a time). */
@@ -620,6 +631,29 @@ typedef struct {
 static void ffn_group_dots(const ffn_ctx *c, int s, const void *const *rows, const void *const *pf, int n,
                            const float *want, float *out, int64_t stride) {
     const int64_t cols = c->m->cols;
+    const pi_dot_tok_fn dot_tok = c->k->dot_tok[s];
+    if (dot_tok && c->n_tok > 1) {
+        /* several tokens per row (the same bits), for the rows at least half the tokens want; the
+         * others token by token (a neuron's up row is wanted only where its gate fired) */
+        for (int j = 0; j < n; j++) {
+            int64_t wanted = c->n_tok;
+            if (want) {
+                wanted = 0;
+                for (int64_t t = 0; t < c->n_tok; t++) wanted += want[t * stride + j] != 0.0f;
+            }
+            const void *pfj = pf ? pf[j] : NULL;
+            if (2 * wanted >= c->n_tok) {
+                for (int64_t t = 0; t < c->n_tok; t += PI_DOT_TOK_MAX) {
+                    const int nt = (int)(c->n_tok - t < PI_DOT_TOK_MAX ? c->n_tok - t : PI_DOT_TOK_MAX);
+                    dot_tok(rows[j], c->xq + t, nt, cols, out + t * stride + j, stride, t == 0 ? pfj : NULL);
+                }
+                continue;
+            }
+            for (int64_t t = 0; t < c->n_tok; t++, pfj = NULL)
+                if (want[t * stride + j] != 0.0f) out[t * stride + j] = c->k->dot[s](rows[j], &c->xq[t], cols, pfj);
+        }
+        return;
+    }
     for (int64_t t = 0; t < c->n_tok; t++) {
         const void *xt = pi_slot_is_quant(s) ? (const void *)&c->xq[t] : (const void *)(c->x + t * cols);
         const void *const *pft = t == 0 ? pf : NULL;
