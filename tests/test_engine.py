@@ -231,3 +231,19 @@ def test_q4_0x16_regrouping_changes_the_layout_not_the_logits(tmp_path):
     for t in (450, 29916):
         np.testing.assert_allclose(regrouped.forward([t]), plain.forward([t]), rtol=0, atol=1e-5 * np.abs(want).max())
     assert fm.path.read_bytes() == before
+
+
+def test_sparse_prefill_gives_each_token_its_own_predicted_neurons(relu_model):
+    """In sparse mode a batch computes each token over its own predicted set (PowerInfer's rule): the
+    prompt's logits are those of decoding it token by token; batch_neurons='union' gives every token
+    the batch's union instead (what the device kernels do), which reads the same rows but differs."""
+    tokens = [1, 450, 4996, 17354, 1701, 29916, 432]
+    m = pi_backend.load(relu_model.path, mode="sparse", kv_type="f32")
+    batch = m.forward(tokens, all_logits=True)
+    m.reset()
+    alone = np.concatenate([m.forward([t]) for t in tokens])
+    np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    union = pi_backend.load(relu_model.path, mode="sparse", kv_type="f32", batch_neurons="union")
+    assert np.abs(union.forward(tokens, all_logits=True) - batch).max() > 1e-3 * np.abs(batch).max()
+    with pytest.raises(ValueError, match="batch_neurons"):
+        pi_backend.load(relu_model.path, batch_neurons="some")

@@ -88,17 +88,19 @@ def test_c_refuses_what_python_would_have_caught():
         assert lib.pi_sparse_gemm_rows(good, ip, idx.size, xp, 1, yp, 1) == lib.PI_ERR_INDEX
         assert lib.pi_sparse_axpy_rows(_raw_desc(buf.T.copy(), lib.PI_TYPE_F32, 32, 64, 256), ip, idx.size,
                                        xp, 1, yp, 1) == lib.PI_ERR_INDEX
-        assert lib.pi_sparse_ffn(good, good, good, lib.PI_ACT_REGLU, ip, idx.size, xp, 1, yp, 0, 0.0,
+        assert lib.pi_sparse_ffn(good, good, good, lib.PI_ACT_REGLU, ip, idx.size, ffi.NULL, xp, 1, yp, 0, 0.0,
                                  ffi.NULL, 1) == lib.PI_ERR_INDEX
     dup = np.array([1, 2, 1], np.int32)
-    assert lib.pi_sparse_ffn(good, good, good, lib.PI_ACT_REGLU, ffi.from_buffer("int32_t[]", dup), 3, xp, 1, yp,
-                             0, 0.0, ffi.NULL, 1) == lib.PI_ERR_DUPLICATE
-    assert lib.pi_sparse_ffn(good, good, good, 99, ffi.NULL, 0, xp, 1, yp, 0, 0.0, ffi.NULL, 1) == lib.PI_ERR_TYPE
+    assert lib.pi_sparse_ffn(good, good, good, lib.PI_ACT_REGLU, ffi.from_buffer("int32_t[]", dup), 3, ffi.NULL,
+                             xp, 1, yp, 0, 0.0, ffi.NULL, 1) == lib.PI_ERR_DUPLICATE
+    assert lib.pi_sparse_ffn(good, good, good, 99, ffi.NULL, 0, ffi.NULL, xp, 1, yp, 0, 0.0, ffi.NULL,
+                             1) == lib.PI_ERR_TYPE
     out = np.empty(10, np.int32)
     n = ffi.new("int64_t *")
     fc1 = _raw_desc(np.zeros((8, 32), np.float32), lib.PI_TYPE_F32, 8, 32, 128)
     fc2 = _raw_desc(np.zeros((64, 8), np.float32), lib.PI_TYPE_F32, 64, 8, 32)
-    assert lib.pi_predict(fc1, fc2, xp, 1, 0.0, ffi.from_buffer("int32_t[]", out), 10, n, 1) == lib.PI_ERR_CAPACITY
+    assert lib.pi_predict(fc1, fc2, xp, 1, 0.0, ffi.from_buffer("int32_t[]", out), 10, n, ffi.NULL,
+                          1) == lib.PI_ERR_CAPACITY
     assert lib.pi_set_isa(99) == lib.PI_ERR_ISA
     with pytest.raises(native.NativeError, match="index is outside"):
         native._check("pi_sparse_gemm_rows", lib.PI_ERR_INDEX)

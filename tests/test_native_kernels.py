@@ -418,3 +418,28 @@ def test_a_batch_gives_each_token_its_own_result(isa, wtype):
     batch = native.sparse_ffn(gate, up, down, x, fidx)
     np.testing.assert_array_equal(batch, np.stack([native.sparse_ffn(gate, up, down, x[t:t + 1], fidx)[0]
                                                    for t in range(len(x))]))
+
+
+@pytest.mark.parametrize("wtype", [native.TYPE_F16, native.TYPE_Q4_0X16], ids=["F16", "Q4_0X16"])
+def test_token_mask_gives_each_token_its_own_neurons(isa, wtype):
+    """predict(per_token=True) says which of the union's neurons each token's own logits select;
+    sparse_ffn with that token_mask gives every token the bits it gets alone over its own set."""
+    rng = np.random.default_rng(43)
+    n_embd, n_ff, rank = valid_cols(wtype, 512), 96, valid_cols(wtype, 64)
+    fc1, f1 = make_matrix(rng, rank, n_embd, wtype, 0.3)
+    fc2, f2 = make_matrix(rng, n_ff, rank, wtype, 0.3)
+    x = rng.standard_normal((7, n_embd)).astype(np.float32)
+    idx, mask = native.predict(fc1, fc2, x, 1.0, per_token=True)
+    assert mask.shape == (7, idx.size) and mask.dtype == np.bool_
+    np.testing.assert_array_equal(idx, native.predict(fc1, fc2, x, 1.0))
+    for t in range(len(x)):  # token t's own set, as predict gives it for t alone
+        np.testing.assert_array_equal(idx[mask[t]], native.predict(fc1, fc2, x[t], 1.0))
+    assert 0 < mask.mean() < 1
+    gate, up, down = (make_matrix(rng, n_ff, n_embd, wtype, 0.3)[0] for _ in range(3))
+    y = native.sparse_ffn(gate, up, down, x, idx, token_mask=mask)
+    for t in range(len(x)):
+        np.testing.assert_array_equal(y[t], native.sparse_ffn(gate, up, down, x[t:t + 1], idx[mask[t]])[0])
+    with pytest.raises(ValueError, match="token_mask: expected shape"):
+        native.sparse_ffn(gate, up, down, x, idx, token_mask=mask[:3])
+    with pytest.raises(TypeError, match="token_mask: expected dtype"):
+        native.sparse_ffn(gate, up, down, x, idx, token_mask=mask.astype(np.float32))

@@ -67,7 +67,8 @@ def run_kernel(layer: "PowerInferMLP", x: np.ndarray, idx: np.ndarray, out: np.n
         return
     _check("pi_sparse_ffn", lib.pi_sparse_ffn(
         layer._gate_m._desc, layer._up_m._desc, layer._down_m._desc, layer._act_code,
-        ffi.cast("int32_t *", ffi.from_buffer(idx)), idx.size, ffi.cast("float *", ffi.from_buffer(x)), x.shape[0],
+        ffi.cast("int32_t *", ffi.from_buffer(idx)), idx.size, ffi.NULL, ffi.cast("float *", ffi.from_buffer(x)),
+        x.shape[0],
         ffi.cast("float *", ffi.from_buffer(out)), 0, float(skip), layer._skipped, layer.n_threads))
 
 

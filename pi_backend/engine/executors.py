@@ -52,7 +52,7 @@ class Executor(Protocol):
     def prepare(self, layer: int, lw: LayerWeights, neurons: np.ndarray) -> None: ...
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
-               skip_threshold: float) -> Any: ...
+               skip_threshold: float, token_mask: np.ndarray | None = None) -> Any: ...
 
     def wait(self, handle: Any, out: np.ndarray, accumulate: bool) -> int: ...
 
@@ -62,9 +62,11 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def _sparse_ffn(gate, up, down_t, act, idx, x, out, skip_threshold, n_threads, accumulate=False) -> int:
+def _sparse_ffn(gate, up, down_t, act, idx, x, out, skip_threshold, n_threads, accumulate=False,
+                token_mask=None) -> int:
     _, skipped = native.sparse_ffn(gate, up, down_t, x, idx, act=act, out=out, accumulate=accumulate,
-                                   skip_threshold=skip_threshold, n_threads=n_threads, return_skipped=True)
+                                   skip_threshold=skip_threshold, n_threads=n_threads, return_skipped=True,
+                                   token_mask=token_mask)
     return skipped
 
 
@@ -82,6 +84,7 @@ class _Deferred:
     idx: np.ndarray
     x: np.ndarray
     skip: float
+    token_mask: np.ndarray | None = None
 
 
 class CpuExecutor:
@@ -96,18 +99,20 @@ class CpuExecutor:
         pass  # reads the model's own (memory-mapped) rows
 
     def run(self, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray, out: np.ndarray,
-            accumulate: bool, skip_threshold: float) -> int:
-        """out (+)= FFN over idx; returns how many listed neurons did not fire."""
-        return _sparse_ffn(lw.gate, lw.up, lw.down_t, act, idx, x, out, skip_threshold, self.n_threads, accumulate)
+            accumulate: bool, skip_threshold: float, token_mask: np.ndarray | None = None) -> int:
+        """out (+)= FFN over idx (token t over the neurons its token_mask row sets, if given); returns
+        how many listed neurons did not fire."""
+        return _sparse_ffn(lw.gate, lw.up, lw.down_t, act, idx, x, out, skip_threshold, self.n_threads, accumulate,
+                           token_mask)
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
-               skip_threshold: float) -> _Deferred:
-        return _Deferred(lw, act, idx, x, skip_threshold)  # runs in wait: no concurrency here
+               skip_threshold: float, token_mask: np.ndarray | None = None) -> _Deferred:
+        return _Deferred(lw, act, idx, x, skip_threshold, token_mask)  # runs in wait: no concurrency here
 
     def wait(self, handle: _Deferred, out: np.ndarray, accumulate: bool) -> int:
         # the partition's own sum, then one add: the same arithmetic as the overlapped executors
         part = np.empty_like(out)
-        skipped = self.run(handle.lw, handle.act, handle.idx, handle.x, part, False, handle.skip)
+        skipped = self.run(handle.lw, handle.act, handle.idx, handle.x, part, False, handle.skip, handle.token_mask)
         _merge(part, out, accumulate)
         return skipped
 
@@ -200,28 +205,30 @@ class CpuThreadExecutor:
             self._rows[layer] = HotRows(lw, neurons)
 
     def _args(self, layer: int | None, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
-              out: np.ndarray, skip_threshold: float) -> tuple:
+              out: np.ndarray, skip_threshold: float, token_mask: np.ndarray | None = None) -> tuple:
         rows = self._rows.get(layer) if layer is not None else None
         if rows is not None:
-            return rows.gate, rows.up, rows.down_t, act, rows.to_local(idx), x, out, skip_threshold, self.n_threads
-        return lw.gate, lw.up, lw.down_t, act, idx, x, out, skip_threshold, self.n_threads
+            return (rows.gate, rows.up, rows.down_t, act, rows.to_local(idx), x, out, skip_threshold, self.n_threads,
+                    False, token_mask)
+        return lw.gate, lw.up, lw.down_t, act, idx, x, out, skip_threshold, self.n_threads, False, token_mask
 
     def run(self, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray, out: np.ndarray,
-            accumulate: bool, skip_threshold: float, layer: int | None = None) -> int:
+            accumulate: bool, skip_threshold: float, layer: int | None = None,
+            token_mask: np.ndarray | None = None) -> int:
         """Synchronous, on the calling thread."""
         part = np.empty_like(out)
-        skipped = _sparse_ffn(*self._args(layer, lw, act, idx, x, part, skip_threshold))
+        skipped = _sparse_ffn(*self._args(layer, lw, act, idx, x, part, skip_threshold, token_mask))
         _merge(part, out, accumulate)
         return skipped
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
-               skip_threshold: float) -> _Job:
+               skip_threshold: float, token_mask: np.ndarray | None = None) -> _Job:
         if self._closed:
             raise RuntimeError("CpuThreadExecutor: closed")
         if self._busy:
             raise RuntimeError("CpuThreadExecutor: submit while a job is in flight (wait for it first)")
         part = np.empty(x.shape[:-1] + (lw.up.cols,), np.float32)
-        job = _Job(self._args(layer, lw, act, idx, x, part, skip_threshold), part)
+        job = _Job(self._args(layer, lw, act, idx, x, part, skip_threshold, token_mask), part)
         if idx.size == 0:  # nothing to hand over
             return job
         if self._thread is None:
@@ -340,7 +347,9 @@ class DeviceExecutor:
         return self._scratch(name, a.shape, a.dtype).copy_from(a, self.stream)
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
-               skip_threshold: float) -> _DeviceJob:
+               skip_threshold: float, token_mask: np.ndarray | None = None) -> _DeviceJob:
+        # token_mask is not applied: pi_dev_sparse_ffn has none, so a batch's hot partition on the
+        # device takes the union of its tokens' predicted neurons (a superset: never fewer neurons)
         if self._busy:
             raise RuntimeError("DeviceExecutor: submit while a job is in flight (wait for it first)")
         n_tok = 1 if x.ndim == 1 else x.shape[0]

@@ -60,6 +60,7 @@ class SparseFFN:
     hot: Executor                 # the hot partition (GPU, or its CPU stand-in): submit/wait, overlapped
     cold: CpuExecutor
     n_threads: int | None = None  # predictor and explicit path (None: the cold executor's count)
+    per_token: bool = True        # sparse batches: each token its own predicted set (False: the union)
     stats: FFNStats = field(init=False)
 
     def __post_init__(self):
@@ -86,20 +87,32 @@ class SparseFFN:
 
     def __call__(self, ffn_inp: np.ndarray, x: np.ndarray) -> np.ndarray:
         """ffn_inp: the residual stream before the FFN norm (the predictor's input); x: after it."""
-        idx = self.active_set(ffn_inp)
         skip = self.threshold if self.mode == "threshold" else 0.0
         y = np.empty_like(x)
+        mask = None
+        if (self.per_token and self.mode == "sparse" and self.weights.down_t is not None and x.ndim == 2
+                and x.shape[0] > 1):
+            # A batch (prefill): each token over its own predicted neurons, as PowerInfer does and as
+            # decoding it alone would; the union's rows are still read once for all of them
+            idx, mask = native.predict(self.weights.fc1, self.weights.fc2, ffn_inp, self.threshold,
+                                       n_threads=self._threads, per_token=True)
+        else:
+            idx = self.active_set(ffn_inp)
         if self.weights.down_t is None or self.mode == "dense":
             computed = self._explicit(idx, x, y)
         elif self.hot_mask is None:
-            computed = idx.size - self.cold.run(self.weights, self.act, idx, x, y, False, skip)
+            computed = idx.size - self.cold.run(self.weights, self.act, idx, x, y, False, skip, token_mask=mask)
         else:
             in_hot = self.hot_mask[idx]
             hot_idx, cold_idx = idx[in_hot], idx[~in_hot]
+            hot_mask = cold_mask = None
+            if mask is not None:
+                hot_mask, cold_mask = np.ascontiguousarray(mask[:, in_hot]), np.ascontiguousarray(mask[:, ~in_hot])
             # the hot partition starts first and runs while the CPU computes the cold one; one wait
-            handle = self.hot.submit(self.layer, self.weights, self.act, hot_idx, x, skip)
+            handle = self.hot.submit(self.layer, self.weights, self.act, hot_idx, x, skip, token_mask=hot_mask)
             try:
-                computed = cold_idx.size - self.cold.run(self.weights, self.act, cold_idx, x, y, False, skip)
+                computed = cold_idx.size - self.cold.run(self.weights, self.act, cold_idx, x, y, False, skip,
+                                                         token_mask=cold_mask)
             finally:
                 hot_skipped = self.hot.wait(handle, y, True)
             computed += hot_idx.size - hot_skipped

@@ -48,6 +48,7 @@ class EngineOptions:
     use_mmap: bool = True              # False: weights read into private memory (llama.cpp's --no-mmap)
     kv_type: str = "f16"               # KV cache element type: f16 (llama.cpp's default) | f32
     repack: bool = True                # Q4_0 matrices read by dot products regrouped as Q4_0X16 where faster
+    batch_neurons: str = "token"       # sparse batches: each token its own predicted set | the batch's union
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -56,6 +57,8 @@ class EngineOptions:
             raise ValueError(f"n_ctx: must be >= 1, got {self.n_ctx}")
         if self.device not in DEVICES:
             raise ValueError(f"device: unknown device {self.device!r}; expected one of {DEVICES}")
+        if self.batch_neurons not in ("token", "union"):
+            raise ValueError(f"batch_neurons: expected 'token' or 'union', got {self.batch_neurons!r}")
         if self.kv_type not in KV_TYPES:
             raise ValueError(f"kv_type: unknown KV cache type {self.kv_type!r}; expected one of {sorted(KV_TYPES)}")
         if not 1 <= self.hot_threads <= native.lib.PI_MAX_THREADS:
@@ -134,8 +137,12 @@ class Model:
                 self.hot_neurons = self.placement.hot
         self.hot_executor, self.cold_executor = self._executors()
         self.device_layers = None  # DeviceLayers: the dense blocks the placement put on the GPU
+        # the device kernels take a batch's union (pi_dev_sparse_ffn has no per-token mask): with a GPU
+        # every partition does, so that the split never changes a result
+        per_token = self.options.batch_neurons == "token" and not self.use_gpu
         self.ffn = [SparseFFN(i, lw, cfg.ffn_act, self.mode, self._layer_threshold(i),
-                              self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads)
+                              self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads,
+                              per_token=per_token)
                     for i, lw in enumerate(self.weights.layers)]
         shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
         kv = KV_TYPES[self.options.kv_type]

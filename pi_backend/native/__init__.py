@@ -334,23 +334,32 @@ def check_skip_threshold(skip_threshold) -> None:
 
 def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, idx: np.ndarray,
                act: str = "reglu", out: np.ndarray | None = None, accumulate: bool = False,
-               skip_threshold: float = 0.0, n_threads: int = 0, return_skipped: bool = False):
+               skip_threshold: float = 0.0, n_threads: int = 0, return_skipped: bool = False,
+               token_mask: np.ndarray | None = None):
     """One layer's FFN over the neurons in idx (a set), with no n_ff-sized intermediate.
 
     act: reglu | drelu | swiglu | geglu, or the ungated relu | gelu (pass gate=None). Neurons whose activation is
     <= skip_threshold in magnitude for every token are skipped and their up/down rows never read.
+    token_mask: None, or bool/uint8 [n_tok, idx.size]: token t takes neuron idx[k] only where it is set
+    (each token its own predicted set, as predict(per_token=True) gives them).
     Returns y [n_tok, n_embd] (and the number of skipped neurons if return_skipped).
     """
     gate, up, down_t = ffn_matrices(act, gate, up, down_t, _matrix)
     idx = _indices(idx, "idx", up.rows)
     check_skip_threshold(skip_threshold)
     x, n_tok = _tokens(x, "x", up.cols)
+    mask = ffi.NULL
+    if token_mask is not None:
+        token_mask = _require(token_mask, "token_mask", (np.bool_, np.uint8), ndim=2)
+        if token_mask.shape != (n_tok, idx.size):
+            raise ValueError(f"token_mask: expected shape {(n_tok, idx.size)}, got {token_mask.shape}")
+        mask = _f(token_mask, "uint8_t *")
     shape = x.shape[:-1] + (up.cols,)
     y = _out(out, "out", shape)
     skipped = ffi.new("int64_t *")
     code = lib.pi_sparse_ffn(
         gate._desc if gate is not None else ffi.NULL, up._desc, down_t._desc, ACTIVATIONS[act],
-        _f(idx, "int32_t *"), idx.size, _f(x), n_tok, _f(y), int(bool(accumulate)), float(skip_threshold),
+        _f(idx, "int32_t *"), idx.size, mask, _f(x), n_tok, _f(y), int(bool(accumulate)), float(skip_threshold),
         skipped, _threads(n_threads))
     if code == lib.PI_ERR_DUPLICATE:  # checked in C (a bitmap, before y is touched): cheaper than np.unique
         raise ValueError("idx: the active set must not repeat a neuron")
@@ -358,8 +367,10 @@ def sparse_ffn(gate: Matrix | None, up: Matrix, down_t: Matrix, x: np.ndarray, i
     return (y, int(skipped[0])) if return_skipped else y
 
 
-def predict(fc1: Matrix, fc2: Matrix, x: np.ndarray, threshold: float = 0.0, n_threads: int = 0) -> np.ndarray:
-    """Sorted active set: neurons with fc2 . relu(fc1 . x[t]) >= threshold for any token t."""
+def predict(fc1: Matrix, fc2: Matrix, x: np.ndarray, threshold: float = 0.0, n_threads: int = 0,
+            per_token: bool = False):
+    """Sorted active set: neurons with fc2 . relu(fc1 . x[t]) >= threshold for any token t; with
+    per_token, also the bool [n_tok, set size] mask of each token's own set within it."""
     fc1, fc2 = _matrix(fc1, "fc1"), _matrix(fc2, "fc2")
     if fc2.cols != fc1.rows:
         raise ValueError(f"fc2: has {fc2.cols} columns but fc1 has rank {fc1.rows}")
@@ -369,8 +380,12 @@ def predict(fc1: Matrix, fc2: Matrix, x: np.ndarray, threshold: float = 0.0, n_t
     x, n_tok = _tokens(x, "x", fc1.cols)
     idx = np.empty(fc2.rows, np.int32)
     n = ffi.new("int64_t *")
+    mask = np.empty((n_tok, fc2.rows), np.bool_) if per_token else None
     _check("pi_predict", lib.pi_predict(fc1._desc, fc2._desc, _f(x), n_tok, threshold,
-                                        _f(idx, "int32_t *"), idx.size, n, _threads(n_threads)))
+                                        _f(idx, "int32_t *"), idx.size, n,
+                                        _f(mask, "uint8_t *") if per_token else ffi.NULL, _threads(n_threads)))
+    if per_token:
+        return idx[: n[0]].copy(), np.ascontiguousarray(mask[:, : n[0]])
     return idx[: n[0]].copy()
 
 

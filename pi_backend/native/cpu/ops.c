@@ -619,6 +619,7 @@ typedef struct {
     float skip_threshold;
     float *h;                 /* [n_tok, n_idx] */
     uint8_t *keep;            /* [n_idx]: some token's h is nonzero */
+    const uint8_t *tok_mask;  /* NULL, or [n_tok, n_idx]: the tokens that take each listed neuron */
     _Atomic int64_t next;
 } ffn_ctx;
 
@@ -706,13 +707,17 @@ static void ffn_phase_task(void *p, int tid, int nth) {
                 if (c->pos) /* phase 2 computes up where the gate fired: h nonzero */
                     for (int64_t t = 0; t < nt; t++)
                         for (int j = 0; j < n; j++) want[t * 4 + j] = c->h[(t0 + t) * n_idx + POS(g + j)];
-                ffn_group_dots(&sub, s, rows, t0 == 0 ? pf : NULL, n, c->pos ? want : NULL, v, 4);
+                else if (c->tok_mask) /* phase 1: the gate for the tokens that take the neuron */
+                    for (int64_t t = 0; t < nt; t++)
+                        for (int j = 0; j < n; j++) want[t * 4 + j] = c->tok_mask[(t0 + t) * n_idx + POS(g + j)];
+                ffn_group_dots(&sub, s, rows, t0 == 0 ? pf : NULL, n, c->pos || c->tok_mask ? want : NULL, v, 4);
                 for (int j = 0; j < n; j++) {
                     const int64_t k = POS(g + j);
                     for (int64_t t = 0; t < nt; t++) {
                         float *hk = &c->h[(t0 + t) * n_idx + k];
-                        if (!c->pos) { /* phase 1: the activation, cut */
-                            float a = act_gate(c->act, v[t * 4 + j]);
+                        if (!c->pos) { /* phase 1: the activation, cut (0 for a token not taking it) */
+                            const float a = c->tok_mask && !c->tok_mask[(t0 + t) * n_idx + k] ? 0.0f
+                                                                                           : act_gate(c->act, v[t * 4 + j]);
                             *hk = fabsf(a) <= c->skip_threshold ? 0.0f : a;
                         } else if (*hk != 0.0f) { /* phase 2: times up */
                             const float u = v[t * 4 + j];
@@ -744,8 +749,8 @@ static void ffn_run_phase(ffn_ctx *c, const pi_matrix *m, const int64_t *pos, in
 }
 
 int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t, int32_t act,
-                  const int32_t *idx, int64_t n_idx, const float *x, int64_t n_tok, float *y, int32_t accumulate,
-                  float skip_threshold, int64_t *n_skipped, int n_threads) {
+                  const int32_t *idx, int64_t n_idx, const uint8_t *tok_mask, const float *x, int64_t n_tok,
+                  float *y, int32_t accumulate, float skip_threshold, int64_t *n_skipped, int n_threads) {
     int rc;
     if (act < PI_ACT_REGLU || act > PI_ACT_GELU) return PI_ERR_TYPE;
     const int gated = act != PI_ACT_RELU && act != PI_ACT_GELU;
@@ -778,7 +783,7 @@ int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *d
                              up->type == PI_TYPE_Q4_0X16 || (gated && gate->type == PI_TYPE_Q4_0X16), &xq)))
             goto done;
 
-    ffn_ctx c = {k, NULL, act, idx, n_idx, NULL, 0, x, xq.tok, n_tok, skip_threshold, h, keep, 0};
+    ffn_ctx c = {k, NULL, act, idx, n_idx, NULL, 0, x, xq.tok, n_tok, skip_threshold, h, keep, tok_mask, 0};
     const int nth = pi_pool_resolve_threads(n_threads);
     ffn_run_phase(&c, gated ? gate : up, NULL, n_idx, nth);
     if (gated) { /* up rows only for the neurons whose gate fired */
@@ -807,7 +812,7 @@ done:
 /* ------------------------------------------------------------------ predictor */
 
 int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok, float threshold,
-               int32_t *idx_out, int64_t capacity, int64_t *n_out, int n_threads) {
+               int32_t *idx_out, int64_t capacity, int64_t *n_out, uint8_t *tok_mask, int n_threads) {
     int rc;
     if ((rc = check_matrix(fc1)) || (rc = check_matrix(fc2))) return rc;
     if (!x || !idx_out || !n_out) return PI_ERR_NULL;
@@ -825,6 +830,10 @@ int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64
     if ((rc = run_rows(fc1, NULL, r, x, n_tok, z, n_threads))) goto done;
     for (int64_t j = 0; j < zs; j++) z[j] = z[j] > 0.0f ? z[j] : 0.0f;
     if ((rc = run_rows(fc2, NULL, n_ff, z, n_tok, logits, n_threads))) goto done;
+    if (tok_mask && n_tok > 1) { /* each token's own set, before row 0 becomes the union below */
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t i = 0; i < n_ff; i++) tok_mask[t * capacity + i] = logits[t * n_ff + i] >= threshold;
+    }
     /* branch-free: each neuron's index is written, and kept (n advances) when some token's logit
      * reaches the threshold; a branch per neuron mispredicts on a fifth of 11008 random logits */
     for (int64_t t = 1; t < n_tok; t++) /* the batch's union: a token that reaches it stands for the neuron */
@@ -836,6 +845,13 @@ int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64
         n += logits[i] >= threshold;
     }
     *n_out = n;
+    if (tok_mask) { /* columns compacted to the union's positions, in place (idx_out[k] >= k) */
+        for (int64_t t = 0; t < n_tok; t++) {
+            uint8_t *row = tok_mask + t * capacity;
+            if (n_tok == 1) memset(row, 1, (size_t)n);
+            else for (int64_t k = 0; k < n; k++) row[k] = row[idx_out[k]];
+        }
+    }
 done:
     free(z);
     free(logits);

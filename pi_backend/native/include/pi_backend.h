@@ -132,18 +132,25 @@ int pi_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
  *   y[t] += h * down_t[i]
  * Neurons whose |h| <= skip_threshold for every token are skipped: their remaining rows are never
  * read (exact zeros for ReLU models; the TEAL/CATS cut for SiLU models when > 0).
+ * tok_mask: NULL (every token takes every listed neuron), or [n_tok, n_idx] bytes: token t takes
+ * neuron idx[k] only if tok_mask[t * n_idx + k] != 0, else its h is 0 and its gate row is not
+ * multiplied for it (a batch where each token has its own predicted set: PowerInfer's per-token rule;
+ * a neuron's rows are still read once for all the tokens that take it).
  * accumulate = 0 overwrites y, 1 adds into it. If n_skipped is not NULL it receives the number of
  * listed neurons that were skipped. */
 int pi_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t,
-                  int32_t act, const int32_t *idx, int64_t n_idx,
+                  int32_t act, const int32_t *idx, int64_t n_idx, const uint8_t *tok_mask,
                   const float *x, int64_t n_tok, float *y, int32_t accumulate,
                   float skip_threshold, int64_t *n_skipped, int n_threads);
 
 /* The predictor: logits[t] = fc2 . relu(fc1 . x[t]); neuron i is active if logits[t, i] >= threshold
  * for any token t. Writes the active set, sorted ascending, to idx_out (capacity fc2.rows) and its
- * size to n_out. fc1 [rank, n_embd], fc2 [n_ff, rank]. */
+ * size to n_out. fc1 [rank, n_embd], fc2 [n_ff, rank]. tok_mask: NULL, or [n_tok, capacity] bytes
+ * that receive, for each token t and k < n_out, whether token t's own logit of idx_out[k] reaches the
+ * threshold (the per-token sets, as pi_sparse_ffn's tok_mask with row stride capacity). */
 int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64_t n_tok,
-               float threshold, int32_t *idx_out, int64_t capacity, int64_t *n_out, int n_threads);
+               float threshold, int32_t *idx_out, int64_t capacity, int64_t *n_out, uint8_t *tok_mask,
+               int n_threads);
 
 /* ---- small helpers ---- */
 /* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w; in place allowed */
