@@ -196,6 +196,40 @@ def test_decode_side_by_side(benchmark, wtype):
         computed=float(np.mean([f.stats.computed_fraction for f in m["mmap"].ffn])))
 
 
+PREFILL = [1] + [int(t) for t in np.random.default_rng(3).integers(100, 32000, 63)]
+PREFILL_ROUNDS = int(os.environ.get("PI_BENCH_PREFILL_ROUNDS", "5"))
+
+
+@pytest.mark.parametrize("wtype", TYPES)
+def test_prefill_side_by_side(benchmark, wtype):
+    """A 64-token prompt through pi_backend (sparse: each token over its own predicted neurons) and
+    through llama.cpp (dense, its default batch) on the same weights, alternating, round after round."""
+    m, llm = pi_model(wtype), llama_model(wtype)
+
+    def pi_round():
+        m.reset()
+        t0 = time.perf_counter()
+        m.forward(PREFILL)
+        return time.perf_counter() - t0
+
+    def llama_round():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(PREFILL)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"pi": [], "llama_cpp": []}
+
+    def rounds():
+        pi_round(), llama_round()  # warm-up
+        for r in range(PREFILL_ROUNDS):
+            for name, run in (("pi", pi_round), ("llama_cpp", llama_round))[:: 1 if r % 2 else -1]:
+                times[name].append(run())
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    benchmark.extra_info.update(times=times, tokens=len(PREFILL))
+
+
 @pytest.mark.parametrize("wtype", TYPES)
 def test_predictors_alone(benchmark, wtype):
     """The predictors' share of a decode step."""
@@ -235,6 +269,15 @@ def metrics(median, bytes_of, extra) -> dict[str, float]:
             out[f"decode_fraction_of_machine_bw.{key}"] = float(np.median(sparse / pi / machine))
             out[f"info.predictor_share_of_decode.{key}"] = (median(f"test_predictors_alone[{t}]")
                                                              / float(np.median(pi)))
+    for t in TYPES:
+        try:
+            ex = extra(f"test_prefill_side_by_side[{t}]")
+        except KeyError:
+            continue
+        pi, llama = np.asarray(ex["times"]["pi"]), np.asarray(ex["times"]["llama_cpp"])
+        out[f"prefill_speedup_vs_llama_cpp.{t}"] = float(np.median(llama / pi))
+        out[f"info.prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / pi))
+        out[f"info.llama_cpp_prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / llama))
     return out
 
 
