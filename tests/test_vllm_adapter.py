@@ -63,9 +63,9 @@ def hf_model(model_dir):
 
 
 def hf_greedy(hf_model, prompt: str, predictor=None) -> list[int]:
-    """HF transformers greedy tokens; with `predictor` (per-layer (fc1, fc2, threshold)), each FFN call
-    computes only the neurons predicted active for any token of the call (prefill: the prompt; then
-    one token per step), i.e. exactly what the adapter's sparse mode computes for a lone sequence."""
+    """HF transformers greedy tokens; with `predictor` (per-layer (fc1, fc2, threshold)), each token's
+    FFN computes only the neurons its own predictor logits select, i.e. exactly what the adapter's
+    sparse mode computes (a prompt's tokens each over their own set, as decoding them one by one)."""
     model, tok = hf_model
     hooks = []
     if predictor is not None:
@@ -78,7 +78,7 @@ def hf_greedy(hf_model, prompt: str, predictor=None) -> list[int]:
             def masked(mod, args, out, seen=seen, fc1=fc1, fc2=fc2, thr=thr):
                 x = args[0]
                 inp = seen["ffn_inp"].reshape(-1, x.shape[-1])
-                active = ((torch.relu(inp @ fc1.T) @ fc2.T) >= thr).any(0)
+                active = ((torch.relu(inp @ fc1.T) @ fc2.T) >= thr).reshape(x.shape[:-1] + (-1,))
                 h = torch.relu(mod.gate_proj(x)) * mod.up_proj(x) * active
                 return mod.down_proj(h)
 
@@ -244,16 +244,16 @@ def test_offline_greedy_matches_transformers(llm, hf_model):
 
 def test_mixed_prefill_decode_batches_read_the_union_once(llm, monkeypatch):
     """Chunked prefill (64-token budget) puts decode tokens of short requests beside prefill chunks of
-    long ones. Every FFN call must list exactly the union of the per-token predicted sets and read it
-    in one kernel call."""
+    long ones. Every FFN call must list exactly the union of the per-token predicted sets, read it in
+    one kernel call, and give each token its own set within it."""
     from vllm.forward_context import get_forward_context
 
     from pi_backend.adapters.vllm import ffn
 
     kernel_calls = []
     real = ffn.run_kernel
-    monkeypatch.setattr(ffn, "run_kernel", lambda layer, x, idx, out, skip: (kernel_calls.append(idx),
-                                                                            real(layer, x, idx, out, skip))[1])
+    monkeypatch.setattr(ffn, "run_kernel", lambda layer, x, idx, out, skip, mask=None: (
+        kernel_calls.append(idx), real(layer, x, idx, out, skip, mask))[1])
     seen = {"calls": 0, "mixed": 0, "checked_neurons": 0}
 
     def observe(layer, info):
@@ -266,6 +266,10 @@ def test_mixed_prefill_decode_batches_read_the_union_once(llm, monkeypatch):
         ambiguous = set(np.flatnonzero((np.abs(logits - layer.threshold) < 1e-4).any(0)))
         assert set(info["idx"].tolist()) ^ union <= ambiguous
         assert list(info["idx"]) == sorted(info["idx"])
+        if info["tokens"] > 1:  # each token over its own predicted set within the union
+            own = logits[:, info["idx"]] >= layer.threshold
+            unsure = np.abs(logits[:, info["idx"]] - layer.threshold) < 1e-4
+            assert not ((info["mask"] != own) & ~unsure).any()
         seen["checked_neurons"] += len(union)
         md = next(iter(get_forward_context().attn_metadata.values()))
         q = np.diff(md.query_start_loc.cpu().numpy()[: len(md.seq_lens) + 1])

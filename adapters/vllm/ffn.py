@@ -57,9 +57,11 @@ def _f32_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def run_kernel(layer: "PowerInferMLP", x: np.ndarray, idx: np.ndarray, out: np.ndarray, skip: float) -> None:
+def run_kernel(layer: "PowerInferMLP", x: np.ndarray, idx: np.ndarray, out: np.ndarray, skip: float,
+               mask: Optional[np.ndarray] = None) -> None:
     """out = the layer's FFN over the neurons idx for the tokens x (float32 [n_tok, hidden], C-contiguous),
-    reading each listed neuron's rows once for all tokens. native.sparse_ffn without its Python-side
+    reading each listed neuron's rows once for all tokens; with mask (bool [n_tok, idx.size], from the
+    predictor), each token over its own predicted neurons. native.sparse_ffn without its Python-side
     argument checks (they cost ~0.2 ms a call, np.unique included): idx comes sorted and unique from the
     predictor or np.arange, shapes are fixed at load time, and the C side re-checks every index and size."""
     if idx.size == 0:
@@ -67,8 +69,9 @@ def run_kernel(layer: "PowerInferMLP", x: np.ndarray, idx: np.ndarray, out: np.n
         return
     _check("pi_sparse_ffn", lib.pi_sparse_ffn(
         layer._gate_m._desc, layer._up_m._desc, layer._down_m._desc, layer._act_code,
-        ffi.cast("int32_t *", ffi.from_buffer(idx)), idx.size, ffi.NULL, ffi.cast("float *", ffi.from_buffer(x)),
-        x.shape[0],
+        ffi.cast("int32_t *", ffi.from_buffer(idx)), idx.size,
+        ffi.NULL if mask is None else ffi.cast("uint8_t *", ffi.from_buffer(mask)),
+        ffi.cast("float *", ffi.from_buffer(x)), x.shape[0],
         ffi.cast("float *", ffi.from_buffer(out)), 0, float(skip), layer._skipped, layer.n_threads))
 
 
@@ -302,9 +305,11 @@ class PowerInferMLP(nn.Module):
             y = tensor_model_parallel_all_reduce(y)
         return y
 
-    def _dense(self, x: torch.Tensor, idx: Optional[np.ndarray] = None) -> torch.Tensor:
-        """Every neuron in torch; with idx, the output keeps only the neurons of idx, so that a batch
-        gives the same result whichever side of the crossover it falls on."""
+    def _dense(self, x: torch.Tensor, idx: Optional[np.ndarray] = None,
+               mask: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Every neuron in torch; with idx (and each token's mask over it), the output keeps only the
+        neurons of idx (each token's own), so that a batch gives the same result whichever side of the
+        crossover it falls on."""
         g = torch.nn.functional.linear(x, self.gate_weight)
         u = torch.nn.functional.linear(x, self.up_weight)
         if self.ffn_act == "swiglu":
@@ -313,16 +318,27 @@ class PowerInferMLP(nn.Module):
             h = torch.relu(g) * torch.relu(u)
         else:
             h = torch.relu(g) * u
-        if idx is not None and idx.size < self.n_ff:
-            mask = torch.zeros(self.n_ff, dtype=h.dtype)
-            mask[torch.from_numpy(idx).long()] = 1
-            h = h * mask
+        if idx is not None and mask is not None:
+            keep = torch.zeros((h.shape[0], self.n_ff), dtype=h.dtype)
+            keep[:, torch.from_numpy(idx).long()] = torch.from_numpy(mask).to(h.dtype)
+            h = h * keep
+        elif idx is not None and idx.size < self.n_ff:
+            keep = torch.zeros(self.n_ff, dtype=h.dtype)
+            keep[torch.from_numpy(idx).long()] = 1
+            h = h * keep
         return h @ self.down_t_weight
 
-    def active_set(self, ffn_inp32: np.ndarray) -> np.ndarray:
+    def active_set(self, ffn_inp32: np.ndarray):
+        """(idx, mask): the batch's predicted neurons, and which of them each token's own logits select
+        (None for one token, or outside sparse mode). Each token computes only its own set, as
+        PowerInfer does and as decoding the sequence alone would: a request's output does not depend
+        on which requests share its batch."""
         if self.mode == "sparse":
-            return native.predict(self._fc1_m, self._fc2_m, ffn_inp32, self.threshold, n_threads=self.n_threads)
-        return self._all  # oracle / threshold: the kernel skips the neurons that do not fire
+            if ffn_inp32.shape[0] > 1:
+                return native.predict(self._fc1_m, self._fc2_m, ffn_inp32, self.threshold,
+                                      n_threads=self.n_threads, per_token=True)
+            return native.predict(self._fc1_m, self._fc2_m, ffn_inp32, self.threshold, n_threads=self.n_threads), None
+        return self._all, None  # oracle / threshold: the kernel skips the neurons that do not fire
 
     def compute(self, x: torch.Tensor, ffn_inp: torch.Tensor) -> torch.Tensor:
         """The op's body: [tokens, hidden] -> [tokens, hidden] in x's dtype."""
@@ -339,25 +355,27 @@ class PowerInferMLP(nn.Module):
         if self.mode == "dense" or n_tok > self.max_sparse_tokens:
             return self._run_dense(x, n_tok, None, ffn_inp)
         x32 = x.detach().contiguous().float()
-        idx = self.active_set(ffn_inp.detach().contiguous().float().numpy() if self.mode == "sparse" else None)
+        idx, mask = self.active_set(ffn_inp.detach().contiguous().float().numpy() if self.mode == "sparse" else None)
         if self.mode == "sparse" and idx.size > self.crossover(n_tok) * self.n_ff:
-            return self._run_dense(x, n_tok, idx, ffn_inp)
+            return self._run_dense(x, n_tok, idx, ffn_inp, mask)
         out = torch.empty((n_tok, self.hidden_size), dtype=torch.float32)
-        run_kernel(self, _f32_view(x32), idx, _f32_view(out), self.threshold if self.mode == "threshold" else 0.0)
+        run_kernel(self, _f32_view(x32), idx, _f32_view(out), self.threshold if self.mode == "threshold" else 0.0,
+                   mask)
         st.sparse_calls += 1
         st.listed += int(idx.size)
         st.neuron_slots += self.n_ff
         for fn in OBSERVERS:
-            fn(self, {"tokens": n_tok, "active": int(idx.size), "path": "sparse", "idx": idx,
+            fn(self, {"tokens": n_tok, "active": int(idx.size), "path": "sparse", "idx": idx, "mask": mask,
                       "x": x32, "ffn_inp": ffn_inp})
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-    def _run_dense(self, x: torch.Tensor, n_tok: int, idx, ffn_inp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _run_dense(self, x: torch.Tensor, n_tok: int, idx, ffn_inp: Optional[torch.Tensor] = None,
+                   mask: Optional[np.ndarray] = None) -> torch.Tensor:
         self.stats.dense_calls += 1
-        y = self._dense(x if x.dtype == self.up_weight.dtype else x.to(self.up_weight.dtype), idx)
+        y = self._dense(x if x.dtype == self.up_weight.dtype else x.to(self.up_weight.dtype), idx, mask)
         for fn in OBSERVERS:
             fn(self, {"tokens": n_tok, "active": self.n_ff if idx is None else int(idx.size), "path": "dense",
-                      "idx": idx, "x": x, "ffn_inp": ffn_inp})
+                      "idx": idx, "mask": mask, "x": x, "ffn_inp": ffn_inp})
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
