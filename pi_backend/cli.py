@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-mmap); the RAM cannot be reclaimed")
     g.add_argument("--no-repack", action="store_true",
                    help="keep Q4_0 matrices in the file's layout (default: regrouped as Q4_0X16 where the "
-                        "CPU kernels read that faster, AVX-512)")
+                        "CPU kernels read that faster: AVX2, AVX-512)")
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)

@@ -266,8 +266,8 @@ def as_gguf_layout(m: "Matrix") -> "Matrix":
 
 def q4_0x16_pays(cols: int) -> bool:
     """Whether Q4_0 rows of this length multiply faster as Q4_0X16 with the active kernels: whole runs
-    of 512, and a variant with kernels of its own for the layout (AVX-512; the others unpack it)."""
-    return cols % lib.PI_COLS_Q4_0X16 == 0 and lib.pi_isa_active() == lib.PI_ISA_AVX512
+    of 512, and a variant with kernels of its own for the layout (AVX-512, AVX2; scalar unpacks it)."""
+    return cols % lib.PI_COLS_Q4_0X16 == 0 and lib.pi_isa_active() in (lib.PI_ISA_AVX512, lib.PI_ISA_AVX2)
 
 
 # ---- ops

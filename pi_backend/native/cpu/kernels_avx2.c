@@ -263,8 +263,52 @@ PI_DOT4_BY_ONE(dot4_f16, dot_f16)
 PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 PI_DOT4_BY_ONE(dot4_q8_0, dot_q8_0)
 PI_DOT4_BY_ONE(dot4_q4_0, dot_q4_0)
-PI_Q4_0X16_DOT_BY_RUNS(dot_q4_0x16, dot_q4_0)
-PI_DOT4_BY_ONE(dot4_q4_0x16, dot_q4_0x16)
+/* Q4_0X16 (pi_backend.h) without VNNI: the run's two halves (blocks 0-7, 8-15) in turn, each 32-byte
+ * half-slab masked for its low nibbles and shifted for its high ones (shifted, not masked in place:
+ * vpmaddubsw's pair sums saturate at 2^15, and 240 * 127 * 2 would), vpmaddubsw + vpmaddwd leaving
+ * each block's integer dot in its lane. NR rows share the activation loads; a row's operations are the
+ * same for NR = 1 and 4, so dot4 is four dots bit for bit. 16 vector registers: one accumulator per
+ * row, the halves added into it in order. */
+static inline __attribute__((always_inline)) void dot_q4_0x16_rows(const void *const *rows, int NR, const pi_xq *x,
+                                                                   int64_t n, float *out, const void *const *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {
+        const int64_t at = PI_BYTES_Q4_0X16 * c;
+        if (pf)
+            for (int r = 0; r < NR; r++) PI_PREFETCH_STEP(pf[r], at, (PI_BYTES_Q4_0X16 + 63) / 64);
+        const int8_t *xq = x->qs16 + PI_COLS_Q4_0X16 * c;
+        for (int h = 0; h < 2; h++) {
+            __m256i is[4];
+            for (int r = 0; r < NR; r++) is[r] = _mm256_loadu_si256((const __m256i *)(x->bsum + 16 * c + 8 * h));
+            _Pragma("GCC unroll 4") for (int m = 0; m < 4; m++) {
+                const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + 64 * m + 32 * h));
+                const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + 256 + 64 * m + 32 * h));
+                for (int r = 0; r < NR; r++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint8_t *)rows[r] + at + 32 + 64 * m + 32 * h));
+                    const __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xl);
+                    const __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xh);
+                    is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones));
+                }
+            }
+            const __m256 xd = _mm256_loadu_ps(x->d + 16 * c + 8 * h);
+            for (int r = 0; r < NR; r++) {
+                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint8_t *)rows[r] + at + 16 * h)));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(wd, xd), _mm256_cvtepi32_ps(is[r]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++) out[r] = hsum(acc[r]);
+}
+static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void *pf) {
+    float out;
+    dot_q4_0x16_rows(&row, 1, (const pi_xq *)xv, n, &out, pf ? &pf : NULL);
+    return out;
+}
+static void dot4_q4_0x16(const void *const *rows, const void *xv, int64_t n, float *out, const void *const *pf) {
+    dot_q4_0x16_rows(rows, 4, (const pi_xq *)xv, n, out, pf);
+}
 PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 
 const pi_kernel_table pi_kernels_avx2 = {

@@ -46,7 +46,7 @@ extern "C" {
  * are qs[4m .. 4m + 3] of block l. The same bytes as Q4_0, regrouped so that one 512-bit integer dot
  * product covers 16 blocks and each lane ends with one block's sum: no per-block scale broadcast or
  * horizontal sum. Rows must be whole runs (cols a multiple of PI_COLS_Q4_0X16). pi_convert_rows makes
- * it from Q4_0 and back; the dot products read it ~1.8x faster per block than Q4_0 (AVX-512). */
+ * it from Q4_0 and back; the dot products read it 2-2.7x faster per block than Q4_0 (AVX-512, AVX2). */
 #define PI_TYPE_Q4_0X16 1002
 #define PI_COLS_Q4_0X16 512
 #define PI_BYTES_Q4_0X16 288
