@@ -306,6 +306,38 @@ static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void 
     dot_q4_0x16_rows(&row, 1, (const pi_xq *)xv, n, &out, pf ? &pf : NULL);
     return out;
 }
+/* One row against nt tokens: each half-slab loaded, masked and shifted once, then every token takes
+ * the operations a row takes in dot_q4_0x16_rows (so dot()'s bits) */
+static void dot_tok_q4_0x16(const void *row, const pi_xq *x, int nt, int64_t n, float *out, int64_t stride,
+                            const void *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[PI_DOT_TOK_MAX];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {
+        const int64_t at = PI_BYTES_Q4_0X16 * c;
+        PI_PREFETCH_STEP(pf, at, (PI_BYTES_Q4_0X16 + 63) / 64);
+        const uint8_t *w = (const uint8_t *)row + at;
+        for (int h = 0; h < 2; h++) {
+            __m256i is[PI_DOT_TOK_MAX];
+            for (int t = 0; t < nt; t++) is[t] = _mm256_loadu_si256((const __m256i *)(x[t].bsum + 16 * c + 8 * h));
+            _Pragma("GCC unroll 4") for (int m = 0; m < 4; m++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 + 64 * m + 32 * h));
+                const __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *xq = x[t].qs16 + PI_COLS_Q4_0X16 * c;
+                    const __m256i pl = _mm256_maddubs_epi16(wl, _mm256_loadu_si256((const __m256i *)(xq + 64 * m + 32 * h)));
+                    const __m256i ph = _mm256_maddubs_epi16(wh, _mm256_loadu_si256((const __m256i *)(xq + 256 + 64 * m + 32 * h)));
+                    is[t] = _mm256_add_epi32(is[t], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones));
+                }
+            }
+            const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 16 * h)));
+            for (int t = 0; t < nt; t++)
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_loadu_ps(x[t].d + 16 * c + 8 * h)),
+                                         _mm256_cvtepi32_ps(is[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t * stride] = hsum(acc[t]);
+}
 static void dot4_q4_0x16(const void *const *rows, const void *xv, int64_t n, float *out, const void *const *pf) {
     dot_q4_0x16_rows(rows, 4, (const pi_xq *)xv, n, out, pf);
 }
@@ -318,6 +350,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_0x16},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
+    {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
 };
 
 #pragma GCC pop_options
