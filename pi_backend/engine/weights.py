@@ -84,24 +84,23 @@ def regroup_q4_0(gguf: GGUFFile, weights: Weights, n_threads: int = 0) -> int:
     mapped file the rows are copied and the mapping's pages under them released. Returns the number
     of matrices regrouped."""
     owners = [(lw, name) for lw in weights.layers for name in DOT_MATRICES] + [(weights, "output")]
-    todo = [(o, name, getattr(o, name)) for o, name in owners
-            if getattr(o, name, None) is not None and getattr(o, name).wtype == native.TYPE_Q4_0
-            and native.q4_0x16_pays(getattr(o, name).cols)]
+    todo = [(o, name, m) for o, name in owners if (m := getattr(o, name, None)) is not None
+            and m.wtype == native.TYPE_Q4_0 and native.q4_0x16_pays(m.cols)]
     embd = weights.token_embd.buffer  # looked up by rows: its bytes (tied output head too) stay as they are
     tied = [np.may_share_memory(m.buffer, embd) for _, _, m in todo]
-    outs = [None if shared else gguf.writable(m.buffer) for (_, _, m), shared in zip(todo, tied)]
-    # the copies go into one 2 MiB-aligned arena: numpy advises big allocations as huge pages, but a
-    # separate 9 MB array per matrix left ~40% of each in 4 KiB pages (not 2 MiB aligned at its ends),
-    # which read 20-30% slower (page_cache.py)
-    sizes = [m.nbytes + 63 & ~63 for m in (t[2] for t in todo)]
-    arena = _huge_page_arena(sum(s for s, out in zip(sizes, outs) if out is None))
+    in_place = [None if shared else gguf.writable(m.buffer) for (_, _, m), shared in zip(todo, tied)]
+    # the copies go into one 2 MiB-aligned arena: numpy advises big allocations as huge pages, but
+    # separate arrays, not 2 MiB aligned at their ends, left ~20% of the copies in 4 KiB pages, which
+    # read 20-30% slower (page_cache.py)
+    sizes = [m.nbytes + 63 & ~63 for _, _, m in todo]
+    arena = _huge_page_arena(sum(size for size, out in zip(sizes, in_place) if out is None))
     at = 0
-    for (o, name, m), out, size in zip(todo, outs, sizes):
+    for (o, name, m), out, size in zip(todo, in_place, sizes):
         if out is None:
             out, at = arena[at: at + size], at + size
         setattr(o, name, native.convert(m, native.TYPE_Q4_0X16, out=out, n_threads=n_threads))
-    for (_, _, m), shared in zip(todo, tied):  # after all: falcon's q / k / v are slices of one tensor
-        if not shared and gguf.writable(m.buffer) is None:
+    for (_, _, m), shared, out in zip(todo, tied, in_place):  # after all: falcon's q / k / v share a tensor
+        if not shared and out is None:
             gguf.release(m.buffer)
     return len(todo)
 

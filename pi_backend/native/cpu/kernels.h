@@ -155,23 +155,9 @@ static inline pi_xq pi_xq_run(const pi_xq *x, int64_t c) {
     return (pi_xq){x->qs + 512 * c, x->off + 128 * c, x->d + 16 * c, NULL, NULL};
 }
 
-/* Q4_0X16 kernels that unpack each run to Q4_0 blocks and call a variant's Q4_0 kernels: correct
- * everywhere, and the layout is only chosen where a variant has fast kernels of its own (AVX-512).
- * axpy and to_f32 give exactly the Q4_0 results (the same per-element operations). */
-#define PI_Q4_0X16_DOT_BY_RUNS(name, dot_q4_0)                                                   \
-    static float name(const void *row, const void *xv, int64_t n, const void *pf) {             \
-        (void)pf;                                                                               \
-        pi_block_q4_0 b[16];                                                                    \
-        float s = 0.0f;                                                                         \
-        int64_t run = PI_COLS_Q4_0X16;                                                          \
-        __asm__("" : "+r"(run)); /* opaque: GCC warned about the inlined kernel's empty tail loop */ \
-        for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {                                     \
-            const pi_xq xc = pi_xq_run((const pi_xq *)xv, c);                                   \
-            pi_x16_unpack_run((const uint8_t *)row + PI_BYTES_Q4_0X16 * c, b);                  \
-            s += dot_q4_0(b, &xc, run, NULL);                                                   \
-        }                                                                                       \
-        return s;                                                                               \
-    }
+/* The Q4_0X16 axpy and to_f32 of a variant: each run unpacked to Q4_0 blocks for the variant's own
+ * Q4_0 kernel, so they give exactly the Q4_0 results (the same per-element operations). The layout is
+ * only chosen for matrices that dot products read; these serve tests and odd callers. */
 #define PI_Q4_0X16_AXPY_BY_RUNS(name, to_f32_name, axpy_q4_0)                                    \
     static void name(const void *const *rows, const float *a, int nr, float *y, int64_t n,      \
                      const void *const *pf, int npf) {                                          \

@@ -189,7 +189,19 @@ PI_DOT4_BY_ONE(dot4_f16, dot_f16)
 PI_DOT4_BY_ONE(dot4_bf16, dot_bf16)
 PI_DOT4_BY_ONE(dot4_q8_0, dot_q8_0)
 PI_DOT4_BY_ONE(dot4_q4_0, dot_q4_0)
-PI_Q4_0X16_DOT_BY_RUNS(dot_q4_0x16, dot_q4_0)
+/* Q4_0X16 here: each run unpacked to its 16 Q4_0 blocks (correct, not fast: the layout is only chosen
+ * where a variant has kernels of its own, AVX2 / AVX-512) */
+static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void *pf) {
+    (void)pf;
+    pi_block_q4_0 b[16];
+    float s = 0.0f;
+    for (int64_t c = 0; c < n / PI_COLS_Q4_0X16; c++) {
+        const pi_xq xc = pi_xq_run((const pi_xq *)xv, c);
+        pi_x16_unpack_run((const uint8_t *)row + PI_BYTES_Q4_0X16 * c, b);
+        s += dot_q4_0(b, &xc, PI_COLS_Q4_0X16, NULL);
+    }
+    return s;
+}
 PI_DOT4_BY_ONE(dot4_q4_0x16, dot_q4_0x16)
 PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 

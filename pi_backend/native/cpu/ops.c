@@ -830,10 +830,9 @@ int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64
     if ((rc = run_rows(fc1, NULL, r, x, n_tok, z, n_threads))) goto done;
     for (int64_t j = 0; j < zs; j++) z[j] = z[j] > 0.0f ? z[j] : 0.0f;
     if ((rc = run_rows(fc2, NULL, n_ff, z, n_tok, logits, n_threads))) goto done;
-    if (tok_mask && n_tok > 1) { /* each token's own set, before row 0 becomes the union below */
+    if (tok_mask) /* each token's own set, before row 0 becomes the union below */
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t i = 0; i < n_ff; i++) tok_mask[t * capacity + i] = logits[t * n_ff + i] >= threshold;
-    }
     /* branch-free: each neuron's index is written, and kept (n advances) when some token's logit
      * reaches the threshold; a branch per neuron mispredicts on a fifth of 11008 random logits */
     for (int64_t t = 1; t < n_tok; t++) /* the batch's union: a token that reaches it stands for the neuron */
@@ -845,13 +844,9 @@ int pi_predict(const pi_matrix *fc1, const pi_matrix *fc2, const float *x, int64
         n += logits[i] >= threshold;
     }
     *n_out = n;
-    if (tok_mask) { /* columns compacted to the union's positions, in place (idx_out[k] >= k) */
-        for (int64_t t = 0; t < n_tok; t++) {
-            uint8_t *row = tok_mask + t * capacity;
-            if (n_tok == 1) memset(row, 1, (size_t)n);
-            else for (int64_t k = 0; k < n; k++) row[k] = row[idx_out[k]];
-        }
-    }
+    if (tok_mask) /* columns compacted to the union's positions, in place (idx_out[k] >= k) */
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t k = 0; k < n; k++) tok_mask[t * capacity + k] = tok_mask[t * capacity + idx_out[k]];
 done:
     free(z);
     free(logits);
