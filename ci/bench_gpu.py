@@ -118,7 +118,7 @@ def test_gpu_sparse_ffn(benchmark, tname, dens):
 
     def body(i):
         g, u, dn = layers[i % len(layers)]
-        d.lib.pi_dev_sparse_ffn(g._desc, u._desc, dn._desc, swiglu, ip, n, xp, 1, yp, 0, 0.0, d.ffi.NULL)
+        d.lib.pi_dev_sparse_ffn(g._desc, u._desc, dn._desc, swiglu, ip, n, d.ffi.NULL, xp, 1, yp, 0, 0.0, d.ffi.NULL)
 
     _run(benchmark, body, 3 * n * native.row_bytes(TYPES[tname], N_EMBD))
 
@@ -132,7 +132,7 @@ def test_gpu_sparse_ffn_batch_q4_0(benchmark, n_tok):
 
     def body(i):
         g, u, dn = layers[i % len(layers)]
-        d.lib.pi_dev_sparse_ffn(g._desc, u._desc, dn._desc, swiglu, ip, n, xp, n_tok, yp, 0, 0.0, d.ffi.NULL)
+        d.lib.pi_dev_sparse_ffn(g._desc, u._desc, dn._desc, swiglu, ip, n, d.ffi.NULL, xp, n_tok, yp, 0, 0.0, d.ffi.NULL)
 
     _run(benchmark, body, 3 * n * native.row_bytes(TYPES["Q4_0"], N_EMBD))
 

@@ -212,6 +212,35 @@ def test_sparse_ffn_threshold_accumulate(dev, act, n_tok):
     assert_close(y.to_host(), y0 + h @ dr[idx].astype(np.float64))
 
 
+@pytest.mark.parametrize("wtype", [native.TYPE_F16, native.TYPE_Q4_0], ids=TNAME.get)
+@pytest.mark.parametrize("act", ["reglu", "drelu", "relu", "swiglu"])
+def test_sparse_ffn_token_mask(dev, wtype, act):
+    """Each token over its own neurons: h is 0 where the mask is 0, as numpy says, and as the CPU
+    kernel computes with the same mask (the engine's hot and cold partitions must agree)."""
+    rng = np.random.default_rng(70 + wtype)
+    n_ff, n_embd, n_tok = 96, 128, 5
+    (g, gr), (u, ur), (d, dr) = layer(rng, wtype, n_ff, n_embd)
+    idx = np.sort(rng.choice(n_ff, 48, replace=False)).astype(np.int32)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    mask = (rng.random((n_tok, idx.size)) < 0.5).astype(np.uint8)
+    mask[0] = 0  # a token that takes none of the neurons gets exactly nothing
+    G = None if act in UNGATED else dev.matrix(g)
+    y = dev.sparse_ffn(G, dev.matrix(u), dev.matrix(d), dev.to_device(x), dev.to_device(idx), act=act,
+                       token_mask=dev.to_device(mask)).to_host()
+    h = ffn_hidden(gr, ur, x, idx, act, 0.0) * mask
+    assert_close(y, h @ dr[idx].astype(np.float64))
+    assert (y[0] == 0).all()
+    if wtype in FLOAT_TYPES:  # (the CPU multiplies quantized rows with Q8-quantized activations)
+        cpu = native.sparse_ffn(None if act in UNGATED else g, u, d, x, idx, act=act, token_mask=mask.astype(bool))
+        assert_close(y, cpu)
+    with pytest.raises(ValueError, match="token_mask"):
+        dev.sparse_ffn(G, dev.matrix(u), dev.matrix(d), dev.to_device(x), dev.to_device(idx), act=act,
+                       token_mask=dev.to_device(mask[:, :-1]))
+    with pytest.raises(TypeError, match="token_mask"):
+        dev.sparse_ffn(G, dev.matrix(u), dev.matrix(d), dev.to_device(x), dev.to_device(idx), act=act,
+                       token_mask=dev.to_device(mask.astype(np.int32)))
+
+
 def test_sparse_ffn_empty_set(dev):
     rng = np.random.default_rng(3)
     (g, _), (u, _), (d, _) = layer(rng, native.TYPE_Q8_0, 32, 64)
@@ -389,8 +418,8 @@ def test_host_side_checks(dev):
     assert lib.pi_dev_gemm(W._desc, xp, 0, yp, ffi.NULL) == L.PI_ERR_SHAPE
     assert lib.pi_dev_gemm(W._desc, ffi.NULL, 1, yp, ffi.NULL) == L.PI_ERR_NULL
     assert lib.pi_dev_sparse_gemm_rows(W._desc, ffi.NULL, 3, xp, 1, yp, ffi.NULL) == L.PI_ERR_NULL
-    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 9, ffi.NULL, 0, xp, 1, yp, 0, 0.0, ffi.NULL) == L.PI_ERR_TYPE
-    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 0, ffi.NULL, 0, xp, 1, yp, 0, float("nan"),
+    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 9, ffi.NULL, 0, ffi.NULL, xp, 1, yp, 0, 0.0, ffi.NULL) == L.PI_ERR_TYPE
+    assert lib.pi_dev_sparse_ffn(W._desc, W._desc, W._desc, 0, ffi.NULL, 0, ffi.NULL, xp, 1, yp, 0, float("nan"),
                                  ffi.NULL) == L.PI_ERR_SHAPE
     assert lib.pi_dev_predict_logits(W._desc, W._desc, xp, 1, yp, ffi.NULL) == L.PI_ERR_SHAPE  # 64 != 16
     assert lib.pi_dev_malloc(ffi.new("void **"), -1) == L.PI_ERR_SHAPE

@@ -229,9 +229,9 @@ def emu_device(tmp_path_factory):
 def test_device_executor_takes_the_hot_partition(model, emu_device):
     """The GPU executor (device kernels, here on the emulator) in place of the CPU stand-in: the same
     logits, the hot rows uploaded once per layer, one copy back per layer."""
-    # the device kernels take a batch's union (no per-token mask): both engines do
-    m, standin = (load(model, vram_budget=0.5, batch_neurons="union") for _ in range(2))
+    m, standin = (load(model, vram_budget=0.5) for _ in range(2))
     ref = standin.forward(TOKENS, all_logits=True)
+    standin.reset()
     dx = executors.DeviceExecutor(emu_device)
     for i, lw in enumerate(m.weights.layers):
         dx.prepare(i, lw, m.hot_neurons[i])
@@ -239,7 +239,13 @@ def test_device_executor_takes_the_hot_partition(model, emu_device):
     for f in m.ffn:
         f.hot = dx
     tol = 1e-4 * np.abs(ref).max()
+    # the prompt, each token over its own predicted neurons in both partitions (the device applies the
+    # token masks): the batch's union would give other logits
+    union = load(model, vram_budget=0.5, batch_neurons="union")
+    assert not np.allclose(union.forward(TOKENS, all_logits=True), ref, rtol=0, atol=tol)
+    union.close()
     np.testing.assert_allclose(m.forward(TOKENS, all_logits=True), ref, rtol=0, atol=tol)
+    standin.forward(TOKENS)
     np.testing.assert_allclose(m.forward([13]), standin.forward([13]), rtol=0, atol=tol)  # a decode step
     lw, x = m.weights.layers[0], np.ones((1, 128), np.float32)
     y = np.full((1, 128), 7.0, np.float32)
@@ -270,7 +276,7 @@ def test_engine_runs_the_hot_partition_on_the_device(model, emu_device, tmp_path
     env = dict(os.environ, PI_BACKEND_DEVICE_LIB=emu_device.path)
     out = tmp_path / "logits.npy"
     subprocess.run([sys.executable, "-c", script, str(model.path), str(out)], env=env, check=True, timeout=300)
-    ref = pi_backend.load(model.path, kv_type="f32", batch_neurons="union").forward(TOKENS, all_logits=True)
+    ref = pi_backend.load(model.path, kv_type="f32").forward(TOKENS, all_logits=True)
     np.testing.assert_allclose(np.load(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
@@ -333,7 +339,7 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
         "assert len(syncs) == 2 + 1, syncs\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
-    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode, kv_type="f32", batch_neurons="union")
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode, kv_type="f32")
     ref = [ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)]
     ref.append(ref_model.forward([7]))
     ref_model.truncate(ref_model.n_past - 1)
@@ -375,6 +381,6 @@ def test_partial_dense_offload(byte_model, emu_device, tmp_path, cut):
         "np.save(sys.argv[2] + '/dev.npy', np.concatenate(out))\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
-    ref_model = pi_backend.load(byte_model.path, n_ctx=64, kv_type="f32", batch_neurons="union")
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, kv_type="f32")
     ref = np.concatenate([ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)])
     np.testing.assert_allclose(np.load(tmp_path / "dev.npy"), ref, rtol=0, atol=1e-4 * np.abs(ref).max())

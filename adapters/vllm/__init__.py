@@ -14,8 +14,8 @@ Modules
            overrides through --hf-overrides); pure Python, checked in the API process
   plugin   the registry routing for --model-impl powerinfer, and the CUDA-graph / compile decision
   model    PowerInferForCausalLM: vLLM's Llama with pi_backend's MLP in every layer
-  ffn      the MLP: torch.ops.pi_backend.sparse_ffn (one opaque op), predictor -> union active set ->
-           native sparse FFN, dense above the measured crossover
+  ffn      the MLP: torch.ops.pi_backend.sparse_ffn (one opaque op), predictor -> each token's active
+           set (masks over the batch's union) -> native sparse FFN, dense above the measured crossover
 
 Models: llama-family HF directories (LlamaForCausalLM, MistralForCausalLM, BambooForCausalLM) with
 hidden_act relu (ReGLU: ReLU-LLaMA, ProSparse), drelu (Bamboo / TurboSparse: powerinfer.ffn_act "drelu"),

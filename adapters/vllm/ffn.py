@@ -1,6 +1,7 @@
 """The sparse FFN inside vLLM: one opaque torch custom op, `torch.ops.pi_backend.sparse_ffn`, that runs a
-layer's predictor -> active set (the union over every token of the batch: prefill and decode tokens
-alike) -> pi_backend's fused sparse FFN kernel, directly on the tensors' memory.
+layer's predictor -> active set (the batch's union, its rows read once, with each token's own predicted
+neurons as a mask over it: prefill and decode tokens alike) -> pi_backend's fused sparse FFN kernel,
+directly on the tensors' memory.
 
 No copies on the CPU path: weights are contiguous torch parameters that native.Matrix views through
 `tensor.numpy()` (bfloat16 through an int16 view); float32 activations are viewed the same way and the

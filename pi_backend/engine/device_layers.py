@@ -13,6 +13,11 @@ the next. Per layer and step:
              residual) while the CPU pool computes the cold partition; the cold partial sum is copied
              up and added on the stream, with no wait.
 
+A batch (a prompt) under the per-token rule copies the predictor's logits back instead and thresholds
+them on the host: the union is listed, and each token's own set goes with each partition as a mask
+(pi_dev_sparse_ffn applies the hot one), so a prompt gives the logits of decoding it token by token,
+as on the CPU.
+
 When the KV cache did not fit (the placement puts it last, as PowerInfer), an offloaded layer keeps its
 cache on the host: Q, K and V come back after RoPE, the attention runs on the CPU and its output goes
 up again for Wo -- a second synchronisation per layer, the price of a model whose cache is larger than
@@ -159,7 +164,11 @@ class DeviceLayers:
             dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
             return
         skip = f.threshold if f.mode == "threshold" else 0.0
-        if L.fc1 is not None:  # the predictor and the split on the device
+        # a batch under the per-token rule: each token over its own predicted set (the neurons' rows
+        # still read once), in both partitions, as on the CPU and as decoding each token alone
+        per_token = f.takes_token_masks(T)
+        hot_mask = cold_mask = None
+        if L.fc1 is not None and not per_token:  # the predictor and the split on the device
             logits = dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st)
             hot_ids, cold_ids = self._buf("hot_ids", 1, cfg.n_ff, np.int32), self._buf("cold_ids", 1, cfg.n_ff, np.int32)
             counts = self._buf("counts", 1, 2, np.int32)
@@ -180,29 +189,44 @@ class DeviceLayers:
                 L.cold_cap = min(cfg.n_ff, 1 << int(2 * n_cold - 1).bit_length())
             cold = cold[:n_cold]
             hot_dev = hot_ids.reshape(cfg.n_ff).rows(0, n_hot)
-        else:  # the active set from the host
+        else:  # the active set from the host (per-token batches: thresholded there, from device logits)
+            if L.fc1 is not None:
+                logits_h = np.empty((T, cfg.n_ff), np.float32)
+                dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st).copy_to_host(
+                    logits_h, st)
             x_h = None
-            if f.mode == "sparse":
+            if f.mode == "sparse" and L.fc1 is None:
                 x_h = np.empty_like(ffn_in_h)
                 x.copy_to_host(x_h, st)
             ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)
-            idx = f.active_set(x_h)
+            mask = None
+            if L.fc1 is not None:  # pi_predict's rule: logit >= threshold, per token; the union listed
+                on = logits_h >= f.threshold
+                idx = np.flatnonzero(on.any(axis=0)).astype(np.int32)
+                mask = on[:, idx]
+            else:
+                idx, mask = f.predicted(x_h)
             in_hot = L.local[idx] >= 0 if L.local is not None else np.zeros(idx.size, bool)
             hot_local, cold = L.local[idx[in_hot]] if in_hot.any() else np.zeros(0, np.int32), idx[~in_hot]
             n_hot = hot_local.size
             hot_dev = self._buf("hot_ids", 1, cfg.n_ff, np.int32).reshape(cfg.n_ff).rows(0, n_hot)
             if n_hot:
                 hot_dev.copy_from(hot_local.astype(np.int32), st)
+            if mask is not None:
+                cold_mask = np.ascontiguousarray(mask[:, ~in_hot])
+                if n_hot:
+                    hot_mask = self._buf("hot_mask", T, cfg.n_ff, np.uint8).reshape(T * cfg.n_ff).rows(
+                        0, T * n_hot).reshape(T, n_hot).copy_from(mask[:, in_hot].astype(np.uint8), st)
         if n_hot:  # launched, not waited for: runs while the CPU computes the cold partition
             gate, up, down_t = L.hot
             dev.sparse_ffn(gate, up, down_t, ffn_in, hot_dev, act=f.act, out=x, accumulate=True,
-                           skip_threshold=skip, stream=st)
+                           skip_threshold=skip, token_mask=hot_mask, stream=st)
         skipped = 0
         if cold.size:
             y = np.empty_like(ffn_in_h)
             skipped = self.model.cold_executor.run(lw, f.act, np.ascontiguousarray(cold, np.int32), ffn_in_h, y,
-                                                   False, skip)
+                                                   False, skip, token_mask=cold_mask)
             dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
         f.stats.calls += 1
         f.stats.listed += n_hot + cold.size

@@ -348,8 +348,6 @@ class DeviceExecutor:
 
     def submit(self, layer: int, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray,
                skip_threshold: float, token_mask: np.ndarray | None = None) -> _DeviceJob:
-        # token_mask is not applied: pi_dev_sparse_ffn has none, so a batch's hot partition on the
-        # device takes the union of its tokens' predicted neurons (a superset: never fewer neurons)
         if self._busy:
             raise RuntimeError("DeviceExecutor: submit while a job is in flight (wait for it first)")
         n_tok = 1 if x.ndim == 1 else x.shape[0]
@@ -361,8 +359,9 @@ class DeviceExecutor:
             raise ValueError(f"idx: neuron {int(idx[loc < 0][0])} was not prepared for this executor")
         d_idx = self._upload("idx", loc.astype(np.int32))
         d_x = self._upload("x", np.asarray(x, np.float32))
+        d_mask = None if token_mask is None else self._upload("mask", np.asarray(token_mask).astype(np.uint8, copy=False))
         d_y = self.dev.sparse_ffn(gate, up, down_t, d_x, d_idx, act=act, out=self._scratch("y", d_x.shape, np.float32),
-                                  skip_threshold=skip_threshold, stream=self.stream)
+                                  skip_threshold=skip_threshold, token_mask=d_mask, stream=self.stream)
         self._busy = True
         return _DeviceJob(d_y, n_tok)
 
@@ -378,8 +377,8 @@ class DeviceExecutor:
         return 0
 
     def run(self, lw: LayerWeights, act: str, idx: np.ndarray, x: np.ndarray, out: np.ndarray,
-            accumulate: bool, skip_threshold: float, layer: int = 0) -> int:
-        return self.wait(self.submit(layer, lw, act, idx, x, skip_threshold), out, accumulate)
+            accumulate: bool, skip_threshold: float, layer: int = 0, token_mask: np.ndarray | None = None) -> int:
+        return self.wait(self.submit(layer, lw, act, idx, x, skip_threshold, token_mask), out, accumulate)
 
     def close(self) -> None:
         self._layers.clear()

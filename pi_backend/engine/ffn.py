@@ -85,19 +85,24 @@ class SparseFFN:
                                   n_threads=self._threads)
         return self.all_neurons
 
+    def takes_token_masks(self, n_tok: int) -> bool:
+        """Whether a batch of n_tok tokens goes each token over its own predicted neurons (PowerInfer's
+        rule, and what decoding each token alone gives), rather than all over the batch's union; the
+        union's rows are read once for all of them either way."""
+        return self.per_token and self.mode == "sparse" and self.weights.down_t is not None and n_tok > 1
+
+    def predicted(self, ffn_inp: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the listed neurons, None or the per-token mask [n_tok, listed] where takes_token_masks)."""
+        if self.takes_token_masks(ffn_inp.shape[0] if ffn_inp is not None and ffn_inp.ndim == 2 else 1):
+            return native.predict(self.weights.fc1, self.weights.fc2, ffn_inp, self.threshold,
+                                  n_threads=self._threads, per_token=True)
+        return self.active_set(ffn_inp), None
+
     def __call__(self, ffn_inp: np.ndarray, x: np.ndarray) -> np.ndarray:
         """ffn_inp: the residual stream before the FFN norm (the predictor's input); x: after it."""
         skip = self.threshold if self.mode == "threshold" else 0.0
         y = np.empty_like(x)
-        mask = None
-        if (self.per_token and self.mode == "sparse" and self.weights.down_t is not None and x.ndim == 2
-                and x.shape[0] > 1):
-            # A batch (prefill): each token over its own predicted neurons, as PowerInfer does and as
-            # decoding it alone would; the union's rows are still read once for all of them
-            idx, mask = native.predict(self.weights.fc1, self.weights.fc2, ffn_inp, self.threshold,
-                                       n_threads=self._threads, per_token=True)
-        else:
-            idx = self.active_set(ffn_inp)
+        idx, mask = self.predicted(ffn_inp)
         if self.weights.down_t is None or self.mode == "dense":
             computed = self._explicit(idx, x, y)
         elif self.hot_mask is None:

@@ -137,9 +137,7 @@ class Model:
                 self.hot_neurons = self.placement.hot
         self.hot_executor, self.cold_executor = self._executors()
         self.device_layers = None  # DeviceLayers: the dense blocks the placement put on the GPU
-        # the device kernels take a batch's union (pi_dev_sparse_ffn has no per-token mask): with a GPU
-        # every partition does, so that the split never changes a result
-        per_token = self.options.batch_neurons == "token" and not self.use_gpu
+        per_token = self.options.batch_neurons == "token"
         self.ffn = [SparseFFN(i, lw, cfg.ffn_act, self.mode, self._layer_threshold(i),
                               self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads,
                               per_token=per_token)

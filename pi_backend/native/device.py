@@ -340,18 +340,25 @@ class Device:
 
     def sparse_ffn(self, gate: DeviceMatrix | None, up: DeviceMatrix, down_t: DeviceMatrix, x: DeviceArray,
                    idx: DeviceArray, act: str = "reglu", out: DeviceArray | None = None, accumulate: bool = False,
-                   skip_threshold: float = 0.0, stream=None) -> DeviceArray:
-        """One layer's FFN over the neurons in idx (a set; a repeat is flagged on the device)."""
+                   skip_threshold: float = 0.0, token_mask: DeviceArray | None = None, stream=None) -> DeviceArray:
+        """One layer's FFN over the neurons in idx (a set; a repeat is flagged on the device). token_mask:
+        None, or uint8 [n_tok, idx.size]: token t takes neuron idx[k] only where token_mask[t, k] != 0."""
         gate, up, down_t = native.ffn_matrices(act, gate, up, down_t, self._mat)
         idx = self._idx(idx, "idx")
         native.check_skip_threshold(skip_threshold)
         x, n_tok = self._tokens(x, "x", up.cols)
+        if token_mask is not None:
+            dtype = token_mask.dtype if isinstance(token_mask, DeviceArray) and token_mask.dtype == np.bool_ else np.uint8
+            token_mask = self._arr(token_mask, "token_mask", dtype, 2)
+            if token_mask.shape != (n_tok, idx.size):
+                raise ValueError(f"token_mask: expected shape {(n_tok, idx.size)}, got {token_mask.shape}")
         if accumulate and out is None:
             raise ValueError("out: required with accumulate=True")
         y = self._out(out, "out", x.shape[:-1] + (up.cols,))
         _check("pi_dev_sparse_ffn", self.lib.pi_dev_sparse_ffn(
             gate._desc if gate is not None else self.ffi.NULL, up._desc, down_t._desc, _ACT_NAMES[act],
-            idx.ptr("int32_t *") if idx.size else self.ffi.NULL, idx.size, x.ptr("float *"), n_tok,
+            idx.ptr("int32_t *") if idx.size else self.ffi.NULL, idx.size,
+            token_mask.ptr("uint8_t *") if token_mask is not None and idx.size else self.ffi.NULL, x.ptr("float *"), n_tok,
             y.ptr("float *"), int(bool(accumulate)), float(skip_threshold), _stream(self.ffi, stream)))
         return y
 

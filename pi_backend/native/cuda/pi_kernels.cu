@@ -774,6 +774,13 @@ __global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict_
     }
 }
 
+/* h[e] = 0 where mask[e] == 0: the neurons a token of a batch does not take (pi_sparse_ffn's tok_mask).
+ * Between the gate and the up pass, so the up pass skips them like any neuron whose gate did not fire. */
+__global__ void __launch_bounds__(PI_BLOCK) k_mask(float *__restrict__ h, const uint8_t *__restrict__ mask, int64_t n) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
+        if (!mask[e]) h[e] = 0.0f;
+}
+
 /* y += x, elementwise */
 __global__ void __launch_bounds__(PI_BLOCK) k_add(float *__restrict__ y, const float *__restrict__ x, int64_t n) {
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
@@ -1021,9 +1028,14 @@ PI_EXPORT int pi_dev_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, i
     return rc;
 }
 
+static int launch_mask(const DevInfo *di, float *h, const uint8_t *mask, int64_t n, gpuStream_t st) {
+    pi_launch(k_mask, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), st, h, mask, n);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
 PI_EXPORT int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t, int32_t act,
-                                const int32_t *idx, int64_t n_idx, const float *x, int64_t n_tok, float *y,
-                                int32_t accumulate, float skip_threshold, void *stream) {
+                                const int32_t *idx, int64_t n_idx, const uint8_t *tok_mask, const float *x,
+                                int64_t n_tok, float *y, int32_t accumulate, float skip_threshold, void *stream) {
     int rc;
     if (act < PI_ACT_REGLU || act > PI_ACT_GELU) return PI_ERR_TYPE;
     const bool gated = act != PI_ACT_RELU && act != PI_ACT_GELU;
@@ -1058,6 +1070,7 @@ PI_EXPORT int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, cons
         rc = device_error();
     } else if (!(rc = run_rows(di, gated ? gate : up, idx, n_idx, x, n_tok, hbuf, MODE_ACT, act, skip_threshold,
                                bitmap, st)) &&
+               !(rc = tok_mask ? launch_mask(di, hbuf, tok_mask, hsize, st) : PI_OK) &&
                !(rc = gated ? run_rows(di, up, idx, n_idx, x, n_tok, hbuf, MODE_GATED, act, 0.0f, nullptr, st)
                             : PI_OK)) {
         rc = run_axpy(di, p, down_t, idx, n_idx, hbuf, n_idx, n_tok, y, accumulate ? 1 : 0, part, st);

@@ -200,9 +200,10 @@ int pi_dev_sparse_gemm_rows(const pi_matrix *W, const int32_t *idx, int64_t n_id
                             const float *x, int64_t n_tok, float *y, void *stream);
 int pi_dev_sparse_axpy_rows(const pi_matrix *Wt, const int32_t *idx, int64_t n_idx,
                             const float *h, int64_t n_tok, float *y, void *stream);
-/* as pi_sparse_ffn, without n_skipped; a repeated index sets the duplicate flag */
+/* as pi_sparse_ffn, without n_skipped; a repeated index sets the duplicate flag; tok_mask (NULL, or
+ * [n_tok, n_idx] bytes on the device) as there */
 int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, const pi_matrix *down_t,
-                      int32_t act, const int32_t *idx, int64_t n_idx,
+                      int32_t act, const int32_t *idx, int64_t n_idx, const uint8_t *tok_mask,
                       const float *x, int64_t n_tok, float *y, int32_t accumulate,
                       float skip_threshold, void *stream);
 /* logits [n_tok, fc2.rows] = fc2 . relu(fc1 . x[t]), the predictor of pi_predict before its threshold */
