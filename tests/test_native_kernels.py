@@ -420,6 +420,25 @@ def test_a_batch_gives_each_token_its_own_result(isa, wtype):
                                                    for t in range(len(x))]))
 
 
+@pytest.mark.parametrize("wtype", [native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16], ids=["F32", "F16", "BF16"])
+@pytest.mark.parametrize("cols", [2085, 1088, 48])
+def test_float_batch_blocks_keep_each_tokens_bits(isa, wtype, cols):
+    """Float batches go through the rows x tokens kernel: the columns in blocks of 1024 with the
+    accumulators kept between them, groups of up to 16 rows and 4 tokens. Across block boundaries,
+    partial groups, the vector remainder and the scalar tail, each token keeps the bits it gets alone;
+    an x 16 bytes past a cache line (numpy's usual placement) is taken through an aligned copy."""
+    rng = np.random.default_rng(cols)
+    W, ref = make_matrix(rng, 70, cols, wtype)
+    buf = np.zeros(9 * cols + 16, np.float32)
+    start = ((-buf.ctypes.data) % 64) // 4 + 4  # 16 bytes past a 64-byte line
+    x = buf[start:start + 9 * cols].reshape(9, cols)
+    x[...] = rng.standard_normal((9, cols))
+    alone = np.stack([native.gemm(W, np.ascontiguousarray(x[t])) for t in range(9)])
+    batch = native.gemm(W, x)
+    np.testing.assert_array_equal(batch, alone)
+    assert_close(batch, x.astype(np.float64) @ ref.T)
+
+
 @pytest.mark.parametrize("wtype", [native.TYPE_F16, native.TYPE_Q4_0X16], ids=["F16", "Q4_0X16"])
 def test_token_mask_gives_each_token_its_own_neurons(isa, wtype):
     """predict(per_token=True) says which of the union's neurons each token's own logits select;

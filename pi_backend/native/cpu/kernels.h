@@ -66,13 +66,22 @@ typedef void (*pi_dot4_fn)(const void *const *rows, const void *x, int64_t n, fl
         for (int j = 0; j < 4; j++) out[j] = dot(rows[j], x, n, pf ? pf[j] : NULL);                    \
     }
 
-/* out[t * stride] = dot(row, &x[t], n, pf) for the nt <= PI_DOT_TOK_MAX tokens x[0 .. nt), bit for bit:
- * one row against several tokens' quantized activations, each weight byte loaded and unpacked once
- * for all of them (prefill, batches: the dots are bound by instructions, not by DRAM, there). Only
- * where a variant has it (NULL otherwise). */
+/* out[t * stride] = dot(row, &x[t], n, pf) for the nt <= PI_DOT_TOK_MAX tokens x[0 .. nt) (x: an array
+ * of pi_xq), bit for bit: one row against several tokens' quantized activations, each weight byte
+ * loaded and unpacked once for all of them (prefill, batches: the dots are bound by instructions, not
+ * by DRAM, there). Only where a variant has it (NULL otherwise). */
 #define PI_DOT_TOK_MAX 4
 typedef void (*pi_dot_tok_fn)(const void *row, const pi_xq *x, int nt, int64_t n, float *out, int64_t stride,
                               const void *pf);
+
+/* out[t * stride + r] = dot(rows[r], x + t * n, n, -) for the nr <= PI_ROWS_TOK_MAX rows and the
+ * nt <= PI_DOT_TOK_MAX tokens (x: nt rows of n floats), bit for bit: the float types' batches (prefill),
+ * each weight vector converted once for the nt tokens and the columns taken in blocks that keep the
+ * tokens' activations in L1 across the rows. pf: NULL, or nr rows prefetched meanwhile. Float types of
+ * the variants that have it (NULL otherwise). */
+#define PI_ROWS_TOK_MAX 16
+typedef void (*pi_rows_tok_fn)(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,
+                               int64_t stride, const void *const *pf);
 
 /* y[0:n] += sum_r a[r] * rows[r][0:n], rows summed in order r = 0, 1, .. nr - 1 into each element
  * (the same order as one row at a time), for nr <= PI_AXPY_ROWS; y is read and written once per call.
@@ -92,6 +101,7 @@ typedef struct pi_kernel_table {
     pi_to_f32_fn to_f32[PI_T_COUNT];
     pi_quantize_x_fn quantize_x;
     pi_dot_tok_fn dot_tok[PI_T_COUNT]; /* NULL: dot / dot4 token by token */
+    pi_rows_tok_fn rows_tok[PI_T_COUNT]; /* NULL: dot / dot4 token by token */
 } pi_kernel_table;
 
 /* fp16 -> fp32 for every half (256 KiB, ggml's table): the block scales of quantized rows are read
