@@ -83,6 +83,54 @@ typedef void (*pi_dot_tok_fn)(const void *row, const pi_xq *x, int nt, int64_t n
 typedef void (*pi_rows_tok_fn)(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,
                                int64_t stride, const void *const *pf);
 
+/* The body of a pi_rows_tok_fn for one float type, shared by the SIMD variants: the including file
+ * defines PI_V (its float vector), PI_V_ZERO / PI_V_FMA / PI_V_LOADX / PI_V_ADD / PI_V_HSUM and W (floats
+ * per vector); NT (<= TMAX, a compile-time constant where it is inlined) tokens, nr rows. Per (row,
+ * token) the accumulators and their order are the variant's DOT_BODY -- four vectors over steps of
+ * 4 W, the vector remainder into the first, their sum, the scalar tail -- so each result has dot()'s
+ * bits; between column blocks of PI_ROWS_TOK_COLS they wait in acc[]. */
+#define PI_ROWS_TOK_COLS 1024
+#define PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, TMAX)                                                        \
+    PI_V acc[PI_ROWS_TOK_MAX][TMAX][4];                                                                          \
+    for (int r = 0; r < nr; r++)                                                                                 \
+        for (int t = 0; t < NT; t++) acc[r][t][0] = acc[r][t][1] = acc[r][t][2] = acc[r][t][3] = PI_V_ZERO();    \
+    const int64_t main_end = n - n % (4 * W);                                                                    \
+    for (int64_t k0 = 0; k0 < main_end; k0 += PI_ROWS_TOK_COLS) {                                                \
+        const int64_t k1 = main_end - k0 < PI_ROWS_TOK_COLS ? main_end : k0 + PI_ROWS_TOK_COLS;                  \
+        for (int r = 0; r < nr; r++) {                                                                           \
+            const TYPE *w = (const TYPE *)rows[r];                                                               \
+            const void *pfr = pf ? pf[r] : NULL;                                                                 \
+            PI_V a[TMAX][4];                                                                                     \
+            for (int t = 0; t < NT; t++)                                                                         \
+                for (int v = 0; v < 4; v++) a[t][v] = acc[r][t][v];                                              \
+            for (int64_t i = k0; i < k1; i += 4 * W) {                                                           \
+                PI_PREFETCH_STEP(pfr, i * ESIZE, (4 * W * ESIZE + 63) / 64);                                     \
+                const PI_V w0 = LOAD(w + i), w1 = LOAD(w + i + W), w2 = LOAD(w + i + 2 * W), w3 = LOAD(w + i + 3 * W); \
+                for (int t = 0; t < NT; t++) {                                                                   \
+                    const float *xt = x + t * n + i;                                                             \
+                    a[t][0] = PI_V_FMA(w0, PI_V_LOADX(xt), a[t][0]);                                             \
+                    a[t][1] = PI_V_FMA(w1, PI_V_LOADX(xt + W), a[t][1]);                                         \
+                    a[t][2] = PI_V_FMA(w2, PI_V_LOADX(xt + 2 * W), a[t][2]);                                     \
+                    a[t][3] = PI_V_FMA(w3, PI_V_LOADX(xt + 3 * W), a[t][3]);                                     \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int t = 0; t < NT; t++)                                                                         \
+                for (int v = 0; v < 4; v++) acc[r][t][v] = a[t][v];                                              \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int r = 0; r < nr; r++) { /* DOT_BODY's remainder: vectors into the first accumulator, then the tail */ \
+        const TYPE *w = (const TYPE *)rows[r];                                                                   \
+        for (int t = 0; t < NT; t++) {                                                                           \
+            const float *xt = x + t * n;                                                                         \
+            PI_V a0 = acc[r][t][0];                                                                              \
+            int64_t i = main_end;                                                                                \
+            for (; i + W <= n; i += W) a0 = PI_V_FMA(LOAD(w + i), PI_V_LOADX(xt + i), a0);                       \
+            float s = PI_V_HSUM(PI_V_ADD(PI_V_ADD(a0, acc[r][t][1]), PI_V_ADD(acc[r][t][2], acc[r][t][3])));     \
+            for (; i < n; i++) s += SCALAR(w[i]) * xt[i];                                                        \
+            out[t * stride + r] = s;                                                                             \
+        }                                                                                                        \
+    }
+
 /* y[0:n] += sum_r a[r] * rows[r][0:n], rows summed in order r = 0, 1, .. nr - 1 into each element
  * (the same order as one row at a time), for nr <= PI_AXPY_ROWS; y is read and written once per call.
  * pf: npf rows to prefetch meanwhile (the next group's), or npf = 0. */

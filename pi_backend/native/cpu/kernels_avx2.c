@@ -89,6 +89,31 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     DOT_BODY(load_bf16, pi_bf16_to_fp32, 2)
 }
 
+/* nr float rows against nt tokens (pi_rows_tok_fn, kernels.h's body): two tokens at a time, as 2 x 4
+ * accumulators and 4 weight vectors fill 12 of AVX2's 16 registers */
+#define PI_V __m256
+#define PI_V_ZERO _mm256_setzero_ps
+#define PI_V_FMA _mm256_fmadd_ps
+#define PI_V_LOADX _mm256_loadu_ps
+#define PI_V_ADD _mm256_add_ps
+#define PI_V_HSUM hsum
+#define ROWS_TOK_FLOAT(name, TYPE, LOAD, SCALAR, ESIZE)                                                    \
+    static inline __attribute__((always_inline)) void name##_nt(const void *const *rows, int nr, const float *x, \
+                                                                const int NT, int64_t n, float *out,     \
+                                                                int64_t stride, const void *const *pf) { \
+        PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, 2)                                                     \
+    }                                                                                                      \
+    static void name(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,       \
+                     int64_t stride, const void *const *pf) {                                              \
+        for (int t = 0; t < nt; t += 2, pf = NULL) {                                                       \
+            if (nt - t >= 2) name##_nt(rows, nr, x + t * n, 2, n, out + t * stride, stride, pf);           \
+            else name##_nt(rows, nr, x + t * n, 1, n, out + t * stride, stride, pf);                       \
+        }                                                                                                  \
+    }
+ROWS_TOK_FLOAT(rows_tok_f32, float, _mm256_loadu_ps, ident, 4)
+ROWS_TOK_FLOAT(rows_tok_f16, uint16_t, load_f16, half, 2)
+ROWS_TOK_FLOAT(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2)
+
 /* Quantized rows x pi_xq: per block, vpmaddubsw (unsigned x signed bytes -> int16 pairs) and vpmaddwd
  * (-> int32 sums of 4), converted to float once per block and scaled by both scales in one FMA. */
 #define QDOT_BODY(BLOCK_INT, BSIZE)                                                          \
@@ -351,6 +376,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
     {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
+    {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
 };
 
 #pragma GCC pop_options

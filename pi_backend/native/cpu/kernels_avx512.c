@@ -96,53 +96,17 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
  * columns go in blocks of ROWS_TOK_COLS, every row of the group taking a block while its activations
  * (16 KiB) stay in L1. Per (row, token) the accumulators and their order are DOT_BODY's -- kept in
  * acc[] between blocks -- so every result has dot()'s bits. NT is a constant (the switch below). */
-#define ROWS_TOK_COLS 1024
-#define ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE)                                                    \
-    __m512 acc[PI_ROWS_TOK_MAX][PI_DOT_TOK_MAX][4];                                                 \
-    for (int r = 0; r < nr; r++)                                                                    \
-        for (int t = 0; t < NT; t++) acc[r][t][0] = acc[r][t][1] = acc[r][t][2] = acc[r][t][3] = _mm512_setzero_ps(); \
-    const int64_t main_end = n - n % (4 * W);                                                       \
-    for (int64_t k0 = 0; k0 < main_end; k0 += ROWS_TOK_COLS) {                                      \
-        const int64_t k1 = main_end - k0 < ROWS_TOK_COLS ? main_end : k0 + ROWS_TOK_COLS;          \
-        for (int r = 0; r < nr; r++) {                                                              \
-            const TYPE *w = (const TYPE *)rows[r];                                                  \
-            const void *pfr = pf ? pf[r] : NULL;                                                    \
-            __m512 a[PI_DOT_TOK_MAX][4];                                                            \
-            for (int t = 0; t < NT; t++)                                                            \
-                for (int v = 0; v < 4; v++) a[t][v] = acc[r][t][v];                                 \
-            for (int64_t i = k0; i < k1; i += 4 * W) {                                              \
-                PI_PREFETCH_STEP(pfr, i * ESIZE, (4 * W * ESIZE + 63) / 64);                        \
-                const __m512 w0 = LOAD(w + i), w1 = LOAD(w + i + W), w2 = LOAD(w + i + 2 * W), w3 = LOAD(w + i + 3 * W); \
-                for (int t = 0; t < NT; t++) {                                                      \
-                    const float *xt = x + t * n + i;                                                \
-                    a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), a[t][0]);                    \
-                    a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + W), a[t][1]);                \
-                    a[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 2 * W), a[t][2]);            \
-                    a[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 3 * W), a[t][3]);            \
-                }                                                                                   \
-            }                                                                                       \
-            for (int t = 0; t < NT; t++)                                                            \
-                for (int v = 0; v < 4; v++) acc[r][t][v] = a[t][v];                                 \
-        }                                                                                           \
-    }                                                                                               \
-    for (int r = 0; r < nr; r++) { /* DOT_BODY's remainder: vectors into the first accumulator, then the tail */ \
-        const TYPE *w = (const TYPE *)rows[r];                                                      \
-        for (int t = 0; t < NT; t++) {                                                              \
-            const float *xt = x + t * n;                                                            \
-            __m512 a0 = acc[r][t][0];                                                               \
-            int64_t i = main_end;                                                                   \
-            for (; i + W <= n; i += W) a0 = _mm512_fmadd_ps(LOAD(w + i), _mm512_loadu_ps(xt + i), a0); \
-            float s = hsum(_mm512_add_ps(_mm512_add_ps(a0, acc[r][t][1]), _mm512_add_ps(acc[r][t][2], acc[r][t][3]))); \
-            for (; i < n; i++) s += SCALAR(w[i]) * xt[i];                                           \
-            out[t * stride + r] = s;                                                                \
-        }                                                                                           \
-    }
-
+#define PI_V __m512
+#define PI_V_ZERO _mm512_setzero_ps
+#define PI_V_FMA _mm512_fmadd_ps
+#define PI_V_LOADX _mm512_loadu_ps
+#define PI_V_ADD _mm512_add_ps
+#define PI_V_HSUM hsum
 #define ROWS_TOK_FLOAT(name, TYPE, LOAD, SCALAR, ESIZE)                                                    \
     static inline __attribute__((always_inline)) void name##_nt(const void *const *rows, int nr, const float *x, \
                                                                 const int NT, int64_t n, float *out,     \
                                                                 int64_t stride, const void *const *pf) { \
-        ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE)                                                           \
+        PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, PI_DOT_TOK_MAX)                                        \
     }                                                                                                      \
     static void name(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,       \
                      int64_t stride, const void *const *pf) {                                              \
