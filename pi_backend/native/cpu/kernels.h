@@ -131,6 +131,27 @@ typedef void (*pi_rows_tok_fn)(const void *const *rows, int nr, const float *x, 
         }                                                                                                        \
     }
 
+/* A pi_rows_tok_fn `name` over that body: tokens TMAX at a time (the last group smaller), each group
+ * size a compile-time constant so the accumulators stay in registers */
+#define PI_ROWS_TOK_FN(name, TYPE, LOAD, SCALAR, ESIZE, TMAX)                                               \
+    static inline __attribute__((always_inline)) void name##_nt(const void *const *rows, int nr, const float *x, \
+                                                                const int NT, int64_t n, float *out,     \
+                                                                int64_t stride, const void *const *pf) { \
+        PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, TMAX)                                                  \
+    }                                                                                                      \
+    static void name(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,       \
+                     int64_t stride, const void *const *pf) {                                              \
+        for (int t = 0; t < nt; t += TMAX, pf = NULL) {                                                    \
+            const int m = nt - t < TMAX ? nt - t : TMAX;                                                   \
+            const float *xt = x + t * n;                                                                   \
+            float *ot = out + t * stride;                                                                  \
+            if (m == TMAX) name##_nt(rows, nr, xt, TMAX, n, ot, stride, pf);                               \
+            else if (m == 1) name##_nt(rows, nr, xt, 1, n, ot, stride, pf);                                \
+            else if (m == 2) name##_nt(rows, nr, xt, 2 < TMAX ? 2 : TMAX, n, ot, stride, pf);              \
+            else name##_nt(rows, nr, xt, 3 < TMAX ? 3 : TMAX, n, ot, stride, pf);                          \
+        }                                                                                                  \
+    }
+
 /* y[0:n] += sum_r a[r] * rows[r][0:n], rows summed in order r = 0, 1, .. nr - 1 into each element
  * (the same order as one row at a time), for nr <= PI_AXPY_ROWS; y is read and written once per call.
  * pf: npf rows to prefetch meanwhile (the next group's), or npf = 0. */

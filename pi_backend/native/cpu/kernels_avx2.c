@@ -97,22 +97,9 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
 #define PI_V_LOADX _mm256_loadu_ps
 #define PI_V_ADD _mm256_add_ps
 #define PI_V_HSUM hsum
-#define ROWS_TOK_FLOAT(name, TYPE, LOAD, SCALAR, ESIZE)                                                    \
-    static inline __attribute__((always_inline)) void name##_nt(const void *const *rows, int nr, const float *x, \
-                                                                const int NT, int64_t n, float *out,     \
-                                                                int64_t stride, const void *const *pf) { \
-        PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, 2)                                                     \
-    }                                                                                                      \
-    static void name(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,       \
-                     int64_t stride, const void *const *pf) {                                              \
-        for (int t = 0; t < nt; t += 2, pf = NULL) {                                                       \
-            if (nt - t >= 2) name##_nt(rows, nr, x + t * n, 2, n, out + t * stride, stride, pf);           \
-            else name##_nt(rows, nr, x + t * n, 1, n, out + t * stride, stride, pf);                       \
-        }                                                                                                  \
-    }
-ROWS_TOK_FLOAT(rows_tok_f32, float, _mm256_loadu_ps, ident, 4)
-ROWS_TOK_FLOAT(rows_tok_f16, uint16_t, load_f16, half, 2)
-ROWS_TOK_FLOAT(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2)
+PI_ROWS_TOK_FN(rows_tok_f32, float, _mm256_loadu_ps, ident, 4, 2)
+PI_ROWS_TOK_FN(rows_tok_f16, uint16_t, load_f16, half, 2, 2)
+PI_ROWS_TOK_FN(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2, 2)
 
 /* Quantized rows x pi_xq: per block, vpmaddubsw (unsigned x signed bytes -> int16 pairs) and vpmaddwd
  * (-> int32 sums of 4), converted to float once per block and scaled by both scales in one FMA. */

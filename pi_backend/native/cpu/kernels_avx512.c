@@ -89,37 +89,22 @@ static float dot_bf16(const void *row, const void *xv, int64_t n, const void *pf
     DOT_BODY(load_bf16, pi_bf16_to_fp32, 2)
 }
 
-/* nr float-type rows against NT tokens (x: NT rows of n floats; pi_rows_tok_fn). Converting a weight
+/* nr float-type rows against up to 4 tokens (x: their rows of n floats; pi_rows_tok_fn). Converting a weight
  * vector once per token and streaming 4 tokens' activations (64 KiB at n = 4096) past every row made
  * prefill's F16 dots ~40% of the FMA peak here: vcvtph2ps contends with the FMAs for Zen 4's FP pipes,
  * and the activations came from L2. So each weight vector is converted once for the NT tokens, and the
- * columns go in blocks of ROWS_TOK_COLS, every row of the group taking a block while its activations
+ * columns go in blocks of PI_ROWS_TOK_COLS, every row of the group taking a block while its activations
  * (16 KiB) stay in L1. Per (row, token) the accumulators and their order are DOT_BODY's -- kept in
- * acc[] between blocks -- so every result has dot()'s bits. NT is a constant (the switch below). */
+ * acc[] between blocks -- so every result has dot()'s bits (kernels.h: PI_ROWS_TOK_BODY). */
 #define PI_V __m512
 #define PI_V_ZERO _mm512_setzero_ps
 #define PI_V_FMA _mm512_fmadd_ps
 #define PI_V_LOADX _mm512_loadu_ps
 #define PI_V_ADD _mm512_add_ps
 #define PI_V_HSUM hsum
-#define ROWS_TOK_FLOAT(name, TYPE, LOAD, SCALAR, ESIZE)                                                    \
-    static inline __attribute__((always_inline)) void name##_nt(const void *const *rows, int nr, const float *x, \
-                                                                const int NT, int64_t n, float *out,     \
-                                                                int64_t stride, const void *const *pf) { \
-        PI_ROWS_TOK_BODY(TYPE, LOAD, SCALAR, ESIZE, PI_DOT_TOK_MAX)                                        \
-    }                                                                                                      \
-    static void name(const void *const *rows, int nr, const float *x, int nt, int64_t n, float *out,       \
-                     int64_t stride, const void *const *pf) {                                              \
-        switch (nt) {                                                                                      \
-        case 1: name##_nt(rows, nr, x, 1, n, out, stride, pf); break;                                      \
-        case 2: name##_nt(rows, nr, x, 2, n, out, stride, pf); break;                                      \
-        case 3: name##_nt(rows, nr, x, 3, n, out, stride, pf); break;                                      \
-        default: name##_nt(rows, nr, x, 4, n, out, stride, pf); break;                                     \
-        }                                                                                                  \
-    }
-ROWS_TOK_FLOAT(rows_tok_f32, float, _mm512_loadu_ps, ident, 4)
-ROWS_TOK_FLOAT(rows_tok_f16, uint16_t, load_f16, half, 2)
-ROWS_TOK_FLOAT(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2)
+PI_ROWS_TOK_FN(rows_tok_f32, float, _mm512_loadu_ps, ident, 4, PI_DOT_TOK_MAX)
+PI_ROWS_TOK_FN(rows_tok_f16, uint16_t, load_f16, half, 2, PI_DOT_TOK_MAX)
+PI_ROWS_TOK_FN(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2, PI_DOT_TOK_MAX)
 
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
