@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import tomllib
 from pathlib import Path
 
@@ -342,6 +343,32 @@ def test_save_state_load_state_and_ram_cache(files):
     llm.load_state(state)
     out = llm.create_completion(prompt, max_tokens=8, temperature=0.0)
     assert _text(out) == _text(fresh.create_completion(prompt, max_tokens=8, temperature=0.0))
+    # the cache in its own type, not widened (an F16 cache: half the bytes); a truncated state is refused
+    def kv_bytes(st):  # (the cache's type, bytes per value in the blob)
+        hlen = struct.unpack_from("<I", st.llama_state, 4)[0]
+        h = json.loads(st.llama_state[8:8 + hlen])
+        rest = len(st.llama_state) - 8 - hlen - (4 * llm.n_vocab() if h["last_logits"] else 0)
+        return h["kv"], rest / (2 * np.prod(h["shape"]))
+    assert kv_bytes(state) == ("f32", 4)  # type_k / type_v F32 here
+    half = _pi(files["pwri"], f32_kv=False, mode="oracle")
+    half.eval(prompt)
+    tok = half.sample(temp=0.0)
+    half_state = half.save_state()
+    assert kv_bytes(half_state) == ("f16", 2)
+    half.reset()
+    half.load_state(half_state)
+    assert half.sample(temp=0.0) == tok
+    # a version-1 state (before the KV type was recorded: always f32) still loads
+    hlen = struct.unpack_from("<I", state.llama_state, 4)[0]
+    h = json.loads(state.llama_state[8:8 + hlen])
+    del h["kv"]
+    h1 = json.dumps({**h, "version": 1}).encode()
+    v1 = b"PIKV" + struct.pack("<I", len(h1)) + h1 + state.llama_state[8 + hlen:]
+    llm.load_state(llama_cpp.LlamaState(state.input_ids, state.scores, state.n_tokens, v1, len(v1), state.seed))
+    assert llm.sample(temp=0.0) == first[0]
+    with pytest.raises(ValueError, match="truncated"):
+        llm.load_state(llama_cpp.LlamaState(state.input_ids, state.scores, state.n_tokens, state.llama_state[:-100],
+                                            state.llama_state_size - 100, state.seed))
     # a state from another model is refused, not loaded
     other = _pi(files["silu"], mode="dense")
     with pytest.raises(ValueError, match="load_state"):

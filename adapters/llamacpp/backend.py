@@ -51,7 +51,9 @@ ENGINE_OPTIONS = ("mode", "threshold", "thresholds", "vram_budget", "hot_neurons
 SHARED_OPTIONS = ("n_ctx", "n_threads", "use_mmap")
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of 256; so do we, to report the same n_ctx()
 STATE_MAGIC = b"PIKV"
-STATE_VERSION = 1
+# 2: K and V in the engine's KV type (f16 by default: half the bytes of version 1's f32); 1 still loads
+STATE_VERSION = 2
+_STATE_KV = {"f16": np.float16, "f32": np.float32}
 
 # Keyword defaults set by a caller that cannot pass keywords through (the server's model loader).
 _DEFAULTS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("pi_backend_llama_defaults",
@@ -412,12 +414,13 @@ class PowerInferLlama(llama_cpp.Llama):
             raise RuntimeError(f"pi_backend adapter: the KV cache holds {eng.n_past} positions but n_tokens is "
                                f"{self.n_tokens}")
         saved = eng.save_state()
-        k = np.ascontiguousarray(saved["k"], dtype=np.float32)
-        v = np.ascontiguousarray(saved["v"], dtype=np.float32)
+        kv = "f16" if saved["k"].dtype == np.float16 else "f32"  # the cache's own type: nothing rounded
+        k = np.ascontiguousarray(saved["k"], dtype=_STATE_KV[kv])
+        v = np.ascontiguousarray(saved["v"], dtype=_STATE_KV[kv])
         last = self._pi_last_logits
         header = json.dumps({"version": STATE_VERSION, "model": self._pi_fingerprint(), "n_past": int(saved["n_past"]),
-                             "shape": list(k.shape), "last_logits": last is not None and not self._requires_eval}
-                            ).encode()
+                             "shape": list(k.shape), "kv": kv,
+                             "last_logits": last is not None and not self._requires_eval}).encode()
         parts = [STATE_MAGIC, struct.pack("<I", len(header)), header, k.tobytes(), v.tobytes()]
         if last is not None and not self._requires_eval:
             parts.append(np.ascontiguousarray(last, dtype=np.float32).tobytes())
@@ -429,17 +432,21 @@ class PowerInferLlama(llama_cpp.Llama):
                              "loaded into backend='powerinfer')")
         (hlen,) = struct.unpack_from("<I", blob, 4)
         header = json.loads(bytes(blob[8: 8 + hlen]))
-        if header.get("version") != STATE_VERSION or header.get("model") != self._pi_fingerprint():
+        version, kv = header.get("version"), header.get("kv", "f32")
+        if version not in (1, STATE_VERSION) or kv not in _STATE_KV or header.get("model") != self._pi_fingerprint():
             raise ValueError(f"load_state: the state was saved from another model or format "
-                             f"({header.get('model')!r}, version {header.get('version')})")
+                             f"({header.get('model')!r}, version {version}, kv {kv!r})")
         shape = tuple(header["shape"])
-        count = int(np.prod(shape))
+        count, size = int(np.prod(shape)), np.dtype(_STATE_KV[kv]).itemsize
         off = 8 + hlen
-        k = np.frombuffer(blob, np.float32, count, off).reshape(shape)
-        v = np.frombuffer(blob, np.float32, count, off + 4 * count).reshape(shape)
+        need = off + 2 * count * size + (4 * self._n_vocab if header.get("last_logits") else 0)
+        if len(blob) < need:
+            raise ValueError(f"load_state: the state is truncated ({len(blob)} bytes, its header needs {need})")
+        k = np.frombuffer(blob, _STATE_KV[kv], count, off).reshape(shape)
+        v = np.frombuffer(blob, _STATE_KV[kv], count, off + size * count).reshape(shape)
         self._pi.load_state({"n_past": header["n_past"], "k": k, "v": v})
         if header.get("last_logits"):
-            self._pi_last_logits = np.frombuffer(blob, np.float32, self._n_vocab, off + 8 * count).copy()
+            self._pi_last_logits = np.frombuffer(blob, np.float32, self._n_vocab, off + 2 * size * count).copy()
         else:
             self._pi_last_logits = None
 
