@@ -296,10 +296,11 @@ static int xq_prepare(const pi_kernel_table *k, const float *x, int64_t n_tok, i
 static const float *x_aligned(const float *x, int64_t n_tok, int64_t cols, float **owned) {
     *owned = NULL;
     if (!((uintptr_t)x & 63)) return x;
-    const size_t bytes = ((size_t)n_tok * (size_t)cols * sizeof(float) + 63) & ~(size_t)63;
-    *owned = aligned_alloc(64, bytes);
+    int64_t count;
+    if (!mul_ok(n_tok, cols, &count) || (uint64_t)count > (SIZE_MAX - 63) / sizeof(float)) return NULL;
+    *owned = aligned_alloc(64, ((size_t)count * sizeof(float) + 63) & ~(size_t)63);
     if (!*owned) return NULL;
-    memcpy(*owned, x, (size_t)n_tok * (size_t)cols * sizeof(float));
+    memcpy(*owned, x, (size_t)count * sizeof(float));
     return *owned;
 }
 
