@@ -236,7 +236,7 @@ def test_q4_0x16_regrouping_changes_the_layout_not_the_logits(tmp_path):
 def test_sparse_prefill_gives_each_token_its_own_predicted_neurons(relu_model):
     """In sparse mode a batch computes each token over its own predicted set (PowerInfer's rule): the
     prompt's logits are those of decoding it token by token; batch_neurons='union' gives every token
-    the batch's union instead (what the device kernels do), which reads the same rows but differs."""
+    the batch's union instead, which reads the same rows but differs."""
     tokens = [1, 450, 4996, 17354, 1701, 29916, 432]
     m = pi_backend.load(relu_model.path, mode="sparse", kv_type="f32")
     batch = m.forward(tokens, all_logits=True)

@@ -106,6 +106,87 @@ PI_ROWS_TOK_FN(rows_tok_f32, float, _mm512_loadu_ps, ident, 4, PI_DOT_TOK_MAX)
 PI_ROWS_TOK_FN(rows_tok_f16, uint16_t, load_f16, half, 2, PI_DOT_TOK_MAX)
 PI_ROWS_TOK_FN(rows_tok_bf16, uint16_t, load_bf16, pi_bf16_to_fp32, 2, PI_DOT_TOK_MAX)
 
+/* ---- attention for one query head (pi_attn_head_fn) */
+
+/* lane j of the result = the sum of the 16 lanes of a[j], for the first m of a[0..16) (the others 0) */
+static inline __m512 hsum16(const __m512 *a) {
+    __m512 s[8], u[4];
+    for (int k = 0; k < 8; k++) /* rows 2k | 2k+1: halves added */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* one 128-bit block per row 4k .. 4k+3 */
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0xDD));
+    const __m512 v0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    const __m512 v1 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(v0, v1, 0x44), _mm512_shuffle_ps(v0, v1, 0xEE));
+    /* block b, lane l of w holds row 4 l + b */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w);
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e), the fraction by a degree-6 polynomial
+ * (relative error ~2e-7), the integer part by vscalefps (underflows to 0 below -87) */
+static inline __m512 exp_le0(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n); /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define ATTN_HEAD_BODY(LOAD, ESIZE)                                                                         \
+    const int nv = (int)(d / W);                                                                            \
+    __m512 qv[PI_ATTN_MAX_D / W];                                                                           \
+    for (int i = 0; i < nv; i++) qv[i] = _mm512_mul_ps(_mm512_loadu_ps(q + W * i), _mm512_set1_ps(scale)); \
+    __m512 mx = _mm512_set1_ps(-INFINITY);                                                                  \
+    for (int64_t r0 = 0; r0 < S; r0 += W) { /* scores, 16 rows at a time */                                \
+        const int m = (int)(S - r0 < W ? S - r0 : W);                                                       \
+        __m512 acc[W];                                                                                      \
+        for (int j = 0; j < W; j++) acc[j] = _mm512_setzero_ps();                                           \
+        for (int j = 0; j < m; j++) {                                                                       \
+            const uint8_t *kr = k + (r0 + j) * row_bytes;                                                   \
+            for (int i = 0; i < nv; i++) acc[j] = _mm512_fmadd_ps(LOAD(kr + ESIZE * W * i), qv[i], acc[j]); \
+        }                                                                                                   \
+        const __mmask16 mk = (__mmask16)((1u << m) - 1);                                                    \
+        const __m512 sc = hsum16(acc);                                                                      \
+        _mm512_mask_storeu_ps(s + r0, mk, sc);                                                              \
+        mx = _mm512_mask_max_ps(mx, mk, mx, sc);                                                            \
+    }                                                                                                       \
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                                             \
+    __m512 sum = _mm512_setzero_ps();                                                                       \
+    for (int64_t r0 = 0; r0 < S; r0 += W) {                                                                 \
+        const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);                       \
+        const __m512 e = exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + r0), mv));                     \
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));                                               \
+        _mm512_mask_storeu_ps(s + r0, mk, e);                                                               \
+    }                                                                                                       \
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);                                                     \
+    __m512 o[PI_ATTN_MAX_D / W];                                                                            \
+    for (int i = 0; i < nv; i++) o[i] = _mm512_setzero_ps();                                                \
+    for (int64_t r = 0; r < S; r++) { /* the weighted sum of V in registers */                             \
+        const __m512 pr = _mm512_set1_ps(s[r] * inv);                                                      \
+        const uint8_t *vr = v + r * row_bytes;                                                              \
+        for (int i = 0; i < nv; i++) o[i] = _mm512_fmadd_ps(LOAD(vr + ESIZE * W * i), pr, o[i]);          \
+    }                                                                                                       \
+    for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + W * i, o[i]);
+
+static inline __m512 load_f32_bytes(const uint8_t *p) { return _mm512_loadu_ps((const float *)p); }
+static inline __m512 load_f16_bytes(const uint8_t *p) { return load_f16((const uint16_t *)p); }
+static void attn_head_f32(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
+                          int64_t d, float scale, float *s, float *out) {
+    ATTN_HEAD_BODY(load_f32_bytes, 4)
+}
+static void attn_head_f16(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
+                          int64_t d, float scale, float *s, float *out) {
+    ATTN_HEAD_BODY(load_f16_bytes, 2)
+}
+
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
  * starting from a start vector taken from the activation's offsets; the lanes become floats once per
@@ -422,6 +503,7 @@ const pi_kernel_table pi_kernels_avx512 = {
     quantize_x,
     {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
+    {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
 };
 
 #pragma GCC pop_options

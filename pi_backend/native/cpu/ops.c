@@ -971,6 +971,7 @@ static void attn_task(void *p, int tid, int nth) {
     const pi_axpy_fn axpy = k->axpy[c->slot];
     const int64_t row_bytes = c->row_bytes, head_bytes = c->head_bytes;
     const int64_t d = c->d, n_items = c->n_tok * c->n_head;
+    const pi_attn_head_fn head = d % 16 == 0 && d <= PI_ATTN_MAX_D ? k->attn_head[c->slot] : NULL;
     float *s = malloc((size_t)(c->n_past + c->n_tok) * sizeof(float));
     if (!s) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
     const float scale = 1.0f / sqrtf((float)d);
@@ -979,6 +980,10 @@ static void attn_task(void *p, int tid, int nth) {
         if (item >= n_items) break;
         const int64_t t = item / c->n_head, h = item % c->n_head, g = h / c->group, S = c->n_past + t + 1;
         const float *qv = c->q + item * d;
+        if (head) {
+            head(qv, c->k + g * head_bytes, c->v + g * head_bytes, row_bytes, S, d, scale, s, c->out + item * d);
+            continue;
+        }
         float m = -INFINITY;
         for (int64_t r = 0; r < S; r++) {
             s[r] = dot(c->k + r * row_bytes + g * head_bytes, qv, d, NULL) * scale;
