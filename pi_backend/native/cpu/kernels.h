@@ -169,6 +169,24 @@ typedef void (*pi_axpy_fn)(const void *const *rows, const float *a, int nr, floa
 typedef void (*pi_attn_head_fn)(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
                                 int64_t d, float scale, float *s, float *out);
 
+/* 2^f for f in [-0.5, 0.5] by a degree-6 polynomial (relative error ~2e-7): the attention kernels' exp,
+ * in each variant's FMA and broadcast */
+#define PI_EXP2_FRAC(FMA, SET1, f)                                                                          \
+    FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.5353362e-4f), f, SET1(1.3398874e-3f)), f, SET1(9.6181291e-3f)), f,        \
+                    SET1(5.5504109e-2f)), f, SET1(2.4022651e-1f)), f, SET1(6.9314718e-1f)), f, SET1(1.0f))
+
+/* the F32 and F16 pi_attn_head_fn of a variant, around its ATTN_HEAD_BODY(LOAD, ESIZE) and its
+ * load_f32_bytes / load_f16_bytes */
+#define PI_ATTN_HEAD_FNS                                                                                    \
+    static void attn_head_f32(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes,       \
+                              int64_t S, int64_t d, float scale, float *s, float *out) {                   \
+        ATTN_HEAD_BODY(load_f32_bytes, 4)                                                                   \
+    }                                                                                                       \
+    static void attn_head_f16(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes,       \
+                              int64_t S, int64_t d, float scale, float *s, float *out) {                   \
+        ATTN_HEAD_BODY(load_f16_bytes, 2)                                                                   \
+    }
+
 /* out = row as F32 */
 typedef void (*pi_to_f32_fn)(const void *row, float *out, int64_t n);
 

@@ -355,6 +355,78 @@ static void dot4_q4_0x16(const void *const *rows, const void *xv, int64_t n, flo
 }
 PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 
+/* ---- attention for one query head (pi_attn_head_fn; kernels_avx512.c's scheme at 8 lanes) */
+
+/* lane j = the sum of the 8 lanes of a[j] */
+static inline __m256 hsum8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* exp(x) for x <= 0: 2^(x log2 e), the fraction by a degree-6 polynomial, 2^n through the exponent
+ * bits (x clamped at -87: exp is then below every normal float's ulp of 1) */
+static inline __m256 exp_le0(__m256 x) {
+    const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.44269504f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    const __m256 p = PI_EXP2_FRAC(_mm256_fmadd_ps, _mm256_set1_ps, f);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* d a multiple of 8: q and the output are taken 8 vectors (64 columns) at a time, as 16 registers
+ * would not hold a whole head */
+#define ATTN_HEAD_BODY(LOAD, ESIZE)                                                                         \
+    const int64_t nv = d / W;                                                                               \
+    const __m256 sv = _mm256_set1_ps(scale);                                                                \
+    float mx = -INFINITY, tmp[W];                                                                           \
+    for (int64_t r0 = 0; r0 < S; r0 += W) { /* scores, 8 rows at a time */                                 \
+        const int m = (int)(S - r0 < W ? S - r0 : W);                                                       \
+        __m256 acc[W];                                                                                      \
+        for (int j = 0; j < W; j++) acc[j] = _mm256_setzero_ps();                                           \
+        for (int64_t i = 0; i < nv; i++) {                                                                  \
+            const __m256 qi = _mm256_mul_ps(_mm256_loadu_ps(q + W * i), sv);                                \
+            for (int j = 0; j < m; j++)                                                                     \
+                acc[j] = _mm256_fmadd_ps(LOAD(k + (r0 + j) * row_bytes + ESIZE * W * i), qi, acc[j]);       \
+        }                                                                                                   \
+        _mm256_storeu_ps(tmp, hsum8(acc));                                                                  \
+        for (int j = 0; j < m; j++) {                                                                       \
+            s[r0 + j] = tmp[j];                                                                             \
+            mx = tmp[j] > mx ? tmp[j] : mx;                                                                 \
+        }                                                                                                   \
+    }                                                                                                       \
+    const __m256 mv = _mm256_set1_ps(mx);                                                                   \
+    __m256 sum = _mm256_setzero_ps();                                                                       \
+    int64_t r = 0;                                                                                          \
+    for (; r + W <= S; r += W) {                                                                            \
+        const __m256 e = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(s + r), mv));                                \
+        sum = _mm256_add_ps(sum, e);                                                                        \
+        _mm256_storeu_ps(s + r, e);                                                                         \
+    }                                                                                                       \
+    float total = hsum(sum);                                                                                \
+    if (r < S) { /* the last rows through the same function, in a padded block */                          \
+        for (int j = 0; j < W; j++) tmp[j] = r + j < S ? s[r + j] : mx;                                     \
+        _mm256_storeu_ps(tmp, exp_le0(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)));                            \
+        for (int64_t j = 0; r + j < S; j++) total += (s[r + j] = tmp[j]);                                   \
+    }                                                                                                       \
+    const float inv = 1.0f / total;                                                                         \
+    for (int64_t i0 = 0; i0 < nv; i0 += 8) {                                                                \
+        const int nb = (int)(nv - i0 < 8 ? nv - i0 : 8);                                                    \
+        __m256 o[8];                                                                                        \
+        for (int i = 0; i < nb; i++) o[i] = _mm256_setzero_ps();                                            \
+        for (int64_t rr = 0; rr < S; rr++) {                                                                \
+            const __m256 pr = _mm256_set1_ps(s[rr] * inv);                                                  \
+            const uint8_t *vr = v + rr * row_bytes + ESIZE * W * i0;                                        \
+            for (int i = 0; i < nb; i++) o[i] = _mm256_fmadd_ps(LOAD(vr + ESIZE * W * i), pr, o[i]);        \
+        }                                                                                                   \
+        for (int i = 0; i < nb; i++) _mm256_storeu_ps(out + W * (i0 + i), o[i]);                            \
+    }
+
+static inline __m256 load_f32_bytes(const uint8_t *p) { return _mm256_loadu_ps((const float *)p); }
+static inline __m256 load_f16_bytes(const uint8_t *p) { return load_f16((const uint16_t *)p); }
+PI_ATTN_HEAD_FNS
+
 const pi_kernel_table pi_kernels_avx2 = {
     "avx2",
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_0x16},
@@ -364,6 +436,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     quantize_x,
     {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
+    {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
 };
 
 #pragma GCC pop_options

@@ -125,18 +125,12 @@ static inline __m512 hsum16(const __m512 *a) {
 }
 
 /* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e), the fraction by a degree-6 polynomial
- * (relative error ~2e-7), the integer part by vscalefps (underflows to 0 below -87) */
+ * (PI_EXP2_FRAC), the integer part by vscalefps (denormal below -87, 0 from the clamp at -104) */
 static inline __m512 exp_le0(__m512 x) {
     const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(1.44269504f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n); /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.5353362e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512 p = PI_EXP2_FRAC(_mm512_fmadd_ps, _mm512_set1_ps, f);
     return _mm512_scalef_ps(p, n);
 }
 
@@ -178,14 +172,7 @@ static inline __m512 exp_le0(__m512 x) {
 
 static inline __m512 load_f32_bytes(const uint8_t *p) { return _mm512_loadu_ps((const float *)p); }
 static inline __m512 load_f16_bytes(const uint8_t *p) { return load_f16((const uint16_t *)p); }
-static void attn_head_f32(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
-                          int64_t d, float scale, float *s, float *out) {
-    ATTN_HEAD_BODY(load_f32_bytes, 4)
-}
-static void attn_head_f16(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
-                          int64_t d, float scale, float *s, float *out) {
-    ATTN_HEAD_BODY(load_f16_bytes, 2)
-}
+PI_ATTN_HEAD_FNS
 
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
