@@ -162,9 +162,9 @@ typedef void (*pi_axpy_fn)(const void *const *rows, const float *a, int nr, floa
 /* One query head's attention over S cache rows (ops.c's attn_task, one (token, head) at a time):
  * out[0:d] = sum_r softmax_r(scale * q . k_r) v_r, with k_r = k + r * row_bytes (d elements of the
  * kernel slot's type, F32 or F16), v_r likewise; s: scratch of S floats. Where a variant has it
- * (NULL otherwise), for d a multiple of 16 up to PI_ATTN_MAX_D: the scores 16 rows at a time with one
- * transposed reduction, a vectorised softmax, the weighted sum in registers. Deterministic for given
- * inputs: a token's result does not depend on the batch around it. */
+ * (NULL otherwise), for d a multiple of 16 up to PI_ATTN_MAX_D: the scores a vector's width of rows
+ * at a time with one transposed reduction, a vectorised softmax, the weighted sum in registers.
+ * Deterministic for given inputs: a token's result does not depend on the batch around it. */
 #define PI_ATTN_MAX_D 256
 typedef void (*pi_attn_head_fn)(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
                                 int64_t d, float scale, float *s, float *out);
