@@ -168,8 +168,10 @@ class DeviceLayers:
         # still read once), in both partitions, as on the CPU and as decoding each token alone
         per_token = f.takes_token_masks(T)
         hot_mask = cold_mask = None
-        if L.fc1 is not None and not per_token:  # the predictor and the split on the device
+        logits = None  # the predictor on the device, where it was placed there
+        if L.fc1 is not None:
             logits = dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st)
+        if logits is not None and not per_token:  # the split on the device too
             hot_ids, cold_ids = self._buf("hot_ids", 1, cfg.n_ff, np.int32), self._buf("cold_ids", 1, cfg.n_ff, np.int32)
             counts = self._buf("counts", 1, 2, np.int32)
             dev.select(logits, f.threshold, L.part, L.n_local, hot_ids.reshape(cfg.n_ff), cold_ids.reshape(cfg.n_ff),
@@ -190,18 +192,16 @@ class DeviceLayers:
             cold = cold[:n_cold]
             hot_dev = hot_ids.reshape(cfg.n_ff).rows(0, n_hot)
         else:  # the active set from the host (per-token batches: thresholded there, from device logits)
-            if L.fc1 is not None:
-                logits_h = np.empty((T, cfg.n_ff), np.float32)
-                dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st).copy_to_host(
-                    logits_h, st)
+            if logits is not None:
+                logits_h = logits.copy_to_host(np.empty((T, cfg.n_ff), np.float32), st)
             x_h = None
-            if f.mode == "sparse" and L.fc1 is None:
+            if f.mode == "sparse" and logits is None:
                 x_h = np.empty_like(ffn_in_h)
                 x.copy_to_host(x_h, st)
             ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)
             mask = None
-            if L.fc1 is not None:  # pi_predict's rule: logit >= threshold, per token; the union listed
+            if logits is not None:  # pi_predict's rule: logit >= threshold, per token; the union listed
                 on = logits_h >= f.threshold
                 idx = np.flatnonzero(on.any(axis=0)).astype(np.int32)
                 mask = on[:, idx]
