@@ -109,7 +109,7 @@ def test_c_refuses_what_python_would_have_caught():
 def test_attention_c_side_refuses_bad_sizes():
     """The C op checks sizes itself (the wrapper is not the only guard)."""
     q = np.zeros((2, 4, 8), np.float32)
-    kv = np.zeros((5, 2, 8), np.float32)
+    kv = np.zeros((2, 5, 8), np.float32)  # [n_head_kv, kv_rows, head_dim]
     out = np.zeros((2, 32), np.float32)
     f = lambda a: ffi.cast("float *", ffi.from_buffer(a))  # noqa: E731
     F32 = lib.PI_TYPE_F32

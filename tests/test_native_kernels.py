@@ -340,14 +340,15 @@ def test_attention_matches_numpy(isa, n_tok, n_past, n_head, n_head_kv, d):
     rng = np.random.default_rng(n_tok + n_past)
     rows = n_past + n_tok + 3  # rows past the visible ones hold garbage that must not be read
     q = rng.standard_normal((n_tok, n_head, d)).astype(np.float32)
-    K = rng.standard_normal((rows, n_head_kv, d)).astype(np.float32)
-    V = rng.standard_normal((rows, n_head_kv, d)).astype(np.float32)
-    want = attention_np(q, K, V, n_past)
+    K = rng.standard_normal((n_head_kv, rows, d)).astype(np.float32)  # head-major, as the engine's cache
+    V = rng.standard_normal((n_head_kv, rows, d)).astype(np.float32)
+    pos_major = lambda a: a.transpose(1, 0, 2)  # noqa: E731  (the reference's layout)
+    want = attention_np(q, pos_major(K), pos_major(V), n_past)
     for n_threads in (1, 2):
         assert_close(native.attention(q, K, V, n_past, n_threads=n_threads), want, rtol=1e-5)
     # an f16 cache (llama.cpp's default): the same function of the values it holds
     K16, V16 = K.astype(np.float16), V.astype(np.float16)
-    want16 = attention_np(q, K16.astype(np.float32), V16.astype(np.float32), n_past)
+    want16 = attention_np(q, pos_major(K16.astype(np.float32)), pos_major(V16.astype(np.float32)), n_past)
     for n_threads in (1, 2):
         assert_close(native.attention(q, K16, V16, n_past, n_threads=n_threads), want16, rtol=1e-5)
     with pytest.raises(ValueError, match="n_past"):

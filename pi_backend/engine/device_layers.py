@@ -143,8 +143,8 @@ class DeviceLayers:
             k.copy_to_host(k_h, st)
             v.copy_to_host(v_h, st)
             dev.sync(st)
-            s.k[li, pos0:pos0 + T], s.v[li, pos0:pos0 + T] = k_h, v_h  # in the host cache's type
-            a = self.model._attention(q_h, s.k[li, : pos0 + T], s.v[li, : pos0 + T], pos0)
+            s.write(li, pos0, k_h, v_h)  # in the host cache's type
+            a = self.model._attention(q_h, li, pos0)
             att.copy_from(a, st)
         dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
 

@@ -111,9 +111,8 @@ def forward_falcon(model: "Model", ids: np.ndarray, pos: np.ndarray, all_logits:
         v = native.gemm(lw.wv, n_attn, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
         native.rope(q, pos, cfg.rope_dim, cfg.rope_freq_base, neox=True)
         native.rope(k, pos, cfg.rope_dim, cfg.rope_freq_base, neox=True)
-        st.k[li, pos] = k
-        st.v[li, pos] = v
-        att = model._attention(q, st.k[li, : st.n_past + T], st.v[li, : st.n_past + T], st.n_past)
+        st.write(li, st.n_past, k, v)
+        att = model._attention(q, li, st.n_past)
         attn_out = native.gemm(lw.wo, att, n_threads=nt)
         ffn_out = model.ffn[li](x, n)  # predictor input: the layer input (PowerInfer's falcon graph)
         x = x + attn_out + ffn_out

@@ -77,11 +77,38 @@ def default_mode(cfg: ModelConfig) -> str:
 
 @dataclass
 class RunState:
-    """The KV cache and how much of it is filled."""
+    """The KV cache and how much of it is filled.
 
-    k: np.ndarray  # [n_layer, n_ctx, n_head_kv, head_dim], float16 or float32 (EngineOptions.kv_type)
+    Head-major, [n_layer, n_head_kv, n_ctx, head_dim] (pi_attention's layout): a decode step reads each
+    head's positions as one contiguous run. Position-major rows put a head's consecutive positions a
+    whole row (n_head_kv * head_dim elements) apart, and at long contexts those strided reads cost
+    more than the attention's arithmetic. Outside this class (saved states, the device) the cache
+    travels position-major, [n_layer, n_pos, n_head_kv, head_dim]."""
+
+    k: np.ndarray  # float16 or float32 (EngineOptions.kv_type)
     v: np.ndarray
     n_past: int = 0
+
+    def write(self, li: int, p0: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v [T, n_head_kv, head_dim] into layer li's positions p0 .. p0 + T - 1"""
+        T = k.shape[0]
+        self.k[li, :, p0:p0 + T] = k.transpose(1, 0, 2)
+        self.v[li, :, p0:p0 + T] = v.transpose(1, 0, 2)
+
+    def positions(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of positions 0 .. n - 1 of every layer, position-major"""
+        return (np.ascontiguousarray(self.k[:, :, :n].transpose(0, 2, 1, 3)),
+                np.ascontiguousarray(self.v[:, :, :n].transpose(0, 2, 1, 3)))
+
+    def positions_shape(self, n: int) -> tuple[int, ...]:
+        n_layer, n_head_kv, _, d = self.k.shape
+        return (n_layer, n, n_head_kv, d)
+
+    def set_positions(self, k: np.ndarray, v: np.ndarray) -> None:
+        """The inverse of positions(): k, v [n_layer, n, n_head_kv, head_dim]"""
+        n = k.shape[1]
+        self.k[:, :, :n] = k.transpose(0, 2, 1, 3)
+        self.v[:, :, :n] = v.transpose(0, 2, 1, 3)
 
 
 @dataclass
@@ -142,7 +169,7 @@ class Model:
                               self._hot_mask(i), self.hot_executor, self.cold_executor, self.n_threads,
                               per_token=per_token)
                     for i, lw in enumerate(self.weights.layers)]
-        shape = (cfg.n_layer, self.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        shape = (cfg.n_layer, cfg.n_head_kv, self.n_ctx, cfg.head_dim)  # head-major: RunState
         kv = KV_TYPES[self.options.kv_type]
         self.state = RunState(np.zeros(shape, kv), np.zeros(shape, kv))
         self._tokenizer = None
@@ -248,7 +275,7 @@ class Model:
     def save_state(self) -> dict:
         """A copy of the filled part of the KV cache (llama-cpp-python's save_state)."""
         n = self.state.n_past
-        k, v = self.state.k[:, :n].copy(), self.state.v[:, :n].copy()
+        k, v = self.state.positions(n)
         for li in self.device_layers.device_kv_layers() if self.device_layers else ():
             k[li], v[li] = self.device_layers.kv(li, n)
         return {"n_past": n, "k": k, "v": v}
@@ -256,10 +283,10 @@ class Model:
     def load_state(self, saved: dict) -> None:
         n = int(saved["n_past"])
         k, v = saved["k"], saved["v"]
-        if not 0 <= n <= self.n_ctx or k.shape != self.state.k[:, :n].shape or v.shape != k.shape:
+        if not 0 <= n <= self.n_ctx or getattr(k, "shape", None) != self.state.positions_shape(n) \
+                or getattr(v, "shape", None) != k.shape:
             raise ValueError(f"state: does not fit this model (n_past {n}, k {getattr(k, 'shape', None)})")
-        self.state.k[:, :n] = k
-        self.state.v[:, :n] = v
+        self.state.set_positions(k, v)
         for li in self.device_layers.device_kv_layers() if self.device_layers else ():
             self.device_layers.set_kv(li, k[li], v[li])
         self.state.n_past = n
@@ -305,9 +332,8 @@ class Model:
             v = native.gemm(lw.wv, h, n_threads=nt).reshape(T, cfg.n_head_kv, cfg.head_dim)
             native.rope(q, pos, cfg.rope_dim, cfg.rope_freq_base)
             native.rope(k, pos, cfg.rope_dim, cfg.rope_freq_base)
-            st.k[li, st.n_past : st.n_past + T] = k  # a slice, not pos: basic indexing is the cheap path
-            st.v[li, st.n_past : st.n_past + T] = v
-            att = self._attention(q, st.k[li, : st.n_past + T], st.v[li, : st.n_past + T], st.n_past)
+            st.write(li, st.n_past, k, v)
+            att = self._attention(q, li, st.n_past)
             x = x + native.gemm(lw.wo, att, n_threads=nt)
             ffn_in = native.rmsnorm(x, lw.ffn_norm, cfg.norm_eps)
             x = x + self.ffn[li](x, ffn_in)
@@ -320,10 +346,11 @@ class Model:
         return native.gemm(w.output, native.rmsnorm(np.ascontiguousarray(last), w.output_norm, cfg.norm_eps),
                            n_threads=nt)
 
-    def _attention(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, n_past: int) -> np.ndarray:
-        """Causal grouped-query attention of q [T, n_head, d] over K, V [S, n_head_kv, d] (the cache rows
-        0 .. n_past + T - 1): the native op, one (token, head) pair at a time."""
-        return native.attention(np.ascontiguousarray(q), K, V, n_past, n_threads=self.n_threads)
+    def _attention(self, q: np.ndarray, li: int, n_past: int) -> np.ndarray:
+        """Causal grouped-query attention of q [T, n_head, d] at positions n_past .. over layer li's
+        cache (its positions up to n_past + T - 1 written): the native op."""
+        return native.attention(np.ascontiguousarray(q), self.state.k[li], self.state.v[li], n_past,
+                                n_threads=self.n_threads)
 
     # ---- generation
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,

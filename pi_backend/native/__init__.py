@@ -413,14 +413,14 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
               out: np.ndarray | None = None, n_threads: int = 0) -> np.ndarray:
-    """Causal grouped-query attention of q [n_tok, n_head, d] (positions n_past ..) over the cache
-    rows [kv_rows, n_head_kv, d], the new tokens' rows already written; returns [n_tok, n_head * d].
-    The cache is float32 or float16 (both of one type)."""
+    """Causal grouped-query attention of q [n_tok, n_head, d] (positions n_past ..) over the caches
+    [n_head_kv, kv_rows, d] (head-major: pi_backend.h), the new tokens' positions already written;
+    returns [n_tok, n_head * d]. The caches are float32 or float16 (both of one type)."""
     q = _require(q, "q", np.float32, ndim=3)
     k_cache = _require(k_cache, "k_cache", (np.float32, np.float16), ndim=3)
     v_cache = _require(v_cache, "v_cache", k_cache.dtype.type, ndim=3)
     n_tok, n_head, d = q.shape
-    kv_rows, n_head_kv, dk = k_cache.shape
+    n_head_kv, kv_rows, dk = k_cache.shape
     if v_cache.shape != k_cache.shape or dk != d:
         raise ValueError(f"k_cache / v_cache: shapes {k_cache.shape} / {v_cache.shape} do not fit q {q.shape}")
     if n_tok == 0 or n_head % n_head_kv:

@@ -952,9 +952,10 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
 
 typedef struct {
     const float *q;
-    const uint8_t *k, *v;  /* cache rows of row_bytes (kv_w elements of the kernel slot `slot`) */
+    const uint8_t *k, *v;  /* the caches, [n_head_kv, kv_rows, d] elements of the kernel slot `slot` */
     int slot;
-    int64_t row_bytes, head_bytes;
+    int64_t row_bytes;     /* one position of one KV head: d elements */
+    int64_t kvhead_bytes;  /* one KV head's kv_rows positions */
     int64_t n_past, n_tok, n_head, group, d;
     float *out;
     _Atomic int64_t next; /* next (token, head) pair */
@@ -969,7 +970,7 @@ static void attn_task(void *p, int tid, int nth) {
     const pi_kernel_table *k = K();
     const pi_dot_fn dot = k->dot[c->slot];
     const pi_axpy_fn axpy = k->axpy[c->slot];
-    const int64_t row_bytes = c->row_bytes, head_bytes = c->head_bytes;
+    const int64_t row_bytes = c->row_bytes, kvhead_bytes = c->kvhead_bytes;
     const int64_t d = c->d, n_items = c->n_tok * c->n_head;
     const pi_attn_head_fn head = d % 16 == 0 && d <= PI_ATTN_MAX_D ? k->attn_head[c->slot] : NULL;
     float *s = malloc((size_t)(c->n_past + c->n_tok) * sizeof(float));
@@ -981,12 +982,12 @@ static void attn_task(void *p, int tid, int nth) {
         const int64_t t = item / c->n_head, h = item % c->n_head, g = h / c->group, S = c->n_past + t + 1;
         const float *qv = c->q + item * d;
         if (head) {
-            head(qv, c->k + g * head_bytes, c->v + g * head_bytes, row_bytes, S, d, scale, s, c->out + item * d);
+            head(qv, c->k + g * kvhead_bytes, c->v + g * kvhead_bytes, row_bytes, S, d, scale, s, c->out + item * d);
             continue;
         }
         float m = -INFINITY;
         for (int64_t r = 0; r < S; r++) {
-            s[r] = dot(c->k + r * row_bytes + g * head_bytes, qv, d, NULL) * scale;
+            s[r] = dot(c->k + g * kvhead_bytes + r * row_bytes, qv, d, NULL) * scale;
             m = s[r] > m ? s[r] : m;
         }
         float sum = 0.0f;
@@ -998,7 +999,7 @@ static void attn_task(void *p, int tid, int nth) {
         const void *rows[PI_AXPY_ROWS];
         for (int64_t r0 = 0; r0 < S; r0 += PI_AXPY_ROWS) {
             const int nr = (int)(S - r0 < PI_AXPY_ROWS ? S - r0 : PI_AXPY_ROWS);
-            for (int j = 0; j < nr; j++) rows[j] = c->v + (r0 + j) * row_bytes + g * head_bytes;
+            for (int j = 0; j < nr; j++) rows[j] = c->v + g * kvhead_bytes + (r0 + j) * row_bytes;
             axpy(rows, s + r0, nr, o, d, NULL, 0);
         }
     }
@@ -1015,11 +1016,10 @@ int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32
         kv_rows > PI_MAX_DIM || n_past > kv_rows || n_tok > kv_rows - n_past || !mul_ok(n_head_kv, head_dim, &kv_w) ||
         !mul_ok(kv_rows, kv_w, &tmp) || !mul_ok(n_tok, n_head, &tmp) || !mul_ok(tmp, head_dim, &tmp))
         return PI_ERR_SHAPE;
-    const int64_t row_bytes = pi_type_row_bytes(kv_type, kv_w);
-    if (row_bytes < 0) return PI_ERR_SHAPE;
+    const int64_t row_bytes = pi_type_row_bytes(kv_type, head_dim);
+    if (row_bytes < 0 || pi_type_row_bytes(kv_type, kv_w) < 0 || !mul_ok(kv_rows, row_bytes, &tmp)) return PI_ERR_SHAPE;
     attn_ctx c = {q, (const uint8_t *)k_cache, (const uint8_t *)v_cache, pi_type_slot(kv_type), row_bytes,
-                  pi_type_row_bytes(kv_type, head_dim), n_past, n_tok, n_head, n_head / n_head_kv, head_dim,
-                  out, 0, PI_OK};
+                  tmp, n_past, n_tok, n_head, n_head / n_head_kv, head_dim, out, 0, PI_OK};
     /* a decode step's few heads over a short cache cost less than a dispatch: one thread below ~64k MACs */
     int nth = pi_pool_resolve_threads(n_threads);
     const int64_t work = n_tok * n_head * (n_past + n_tok) * head_dim;

@@ -160,8 +160,10 @@ int pi_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, float e
 int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_t head_dim,
             int64_t n_rot, float freq_base, int32_t neox);
 /* causal grouped-query attention: q [n_tok, n_head, head_dim] at positions n_past .. n_past + n_tok - 1
- * over the cache rows k_cache / v_cache [kv_rows, n_head_kv, head_dim], rows 0 .. n_past + n_tok - 1
- * filled (the new tokens' included); token t sees rows 0 .. n_past + t. out [n_tok, n_head * head_dim].
+ * over the caches k_cache / v_cache [n_head_kv, kv_rows, head_dim] (head-major: a head's positions are
+ * contiguous, so a decode step streams each head's rows in one run instead of striding a whole position
+ * apart), positions 0 .. n_past + n_tok - 1 filled (the new tokens' included); token t sees positions
+ * 0 .. n_past + t. out [n_tok, n_head * head_dim].
  * The cache holds kv_type elements: PI_TYPE_F32 or PI_TYPE_F16 (llama.cpp's default KV type: half the
  * memory and half the bytes read per token). Needs n_head % n_head_kv == 0 and n_past + n_tok <= kv_rows. */
 int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type, int64_t kv_rows,
