@@ -230,6 +230,46 @@ def test_prefill_side_by_side(benchmark, wtype):
     benchmark.extra_info.update(times=times, tokens=len(PREFILL))
 
 
+LONG_CONTEXT = 448  # cached positions before the timed steps (the bench models' n_ctx is 512)
+
+
+@pytest.mark.parametrize("wtype", TYPES)
+def test_decode_long_context_side_by_side(benchmark, wtype):
+    """N_DECODE decode steps after LONG_CONTEXT cached positions, pi_backend and llama.cpp alternating:
+    attention, which reads the whole cache every step, weighs here as it does not after the short
+    PROMPT. The context is filled once per engine; each round rolls back to it and decodes on."""
+    m, llm = pi_model(wtype), llama_model(wtype)
+    context = [1] + [int(t) for t in np.random.default_rng(5).integers(100, 32000, LONG_CONTEXT - 1)]
+    m.reset()
+    for i in range(0, LONG_CONTEXT, 64):
+        m.forward(context[i:i + 64])
+    llm.reset()
+    llm.eval(context)
+
+    def pi_round():
+        m.truncate(LONG_CONTEXT)
+        t0 = time.perf_counter()
+        _decode_steps(lambda t: int(np.argmax(m.forward([t])[-1])))
+        return time.perf_counter() - t0
+
+    def llama_round():
+        llm.n_tokens = LONG_CONTEXT  # eval() drops the cache past n_tokens before it runs
+        t0 = time.perf_counter()
+        _decode_steps(lambda t: (llm.eval([t]), 13)[1])
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"pi": [], "llama_cpp": []}
+
+    def rounds():
+        pi_round(), llama_round()  # warm-up
+        for r in range(PREFILL_ROUNDS):
+            for name, run in (("pi", pi_round), ("llama_cpp", llama_round))[:: 1 if r % 2 else -1]:
+                times[name].append(run())
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    benchmark.extra_info.update(times=times)
+
+
 @pytest.mark.parametrize("wtype", TYPES)
 def test_predictors_alone(benchmark, wtype):
     """The predictors' share of a decode step."""
@@ -278,6 +318,15 @@ def metrics(median, bytes_of, extra) -> dict[str, float]:
         out[f"prefill_speedup_vs_llama_cpp.{t}"] = float(np.median(llama / pi))
         out[f"info.prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / pi))
         out[f"info.llama_cpp_prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / llama))
+    for t in TYPES:
+        try:
+            ex = extra(f"test_decode_long_context_side_by_side[{t}]")
+        except KeyError:
+            continue
+        pi, llama = np.asarray(ex["times"]["pi"]), np.asarray(ex["times"]["llama_cpp"])
+        out[f"decode_speedup_vs_llama_cpp_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama / pi))
+        out[f"info.decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(pi)) / N_DECODE * 1e3
+        out[f"info.llama_cpp_decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama)) / N_DECODE * 1e3
     return out
 
 
