@@ -298,17 +298,47 @@ def test_rope_matches_the_cpu_op(dev, neox, n_rot):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("n_tok, n_past, d", [(1, 0, 32), (1, 37, 64), (4, 9, 16), (3, 300, 32)])
-def test_attention(dev, n_tok, n_past, d):
+def test_attention(dev, n_tok, n_past, d, kv_dtype):
+    """f32 and f16 caches (the engine's default KV type): the same function of the values they hold."""
     rng = np.random.default_rng(7)
     H, Hkv, rows = 4, 2, n_past + n_tok + 3
     q = rng.standard_normal((n_tok, H, d)).astype(np.float32)
-    K = rng.standard_normal((rows, Hkv, d)).astype(np.float32)
-    V = rng.standard_normal((rows, Hkv, d)).astype(np.float32)
+    K = rng.standard_normal((rows, Hkv, d)).astype(kv_dtype)
+    V = rng.standard_normal((rows, Hkv, d)).astype(kv_dtype)
     out = dev.attention(dev.to_device(q), dev.to_device(K), dev.to_device(V), n_past).to_host()
-    assert_close(out, attention_np(q, K, V, n_past), 1e-5)
+    assert_close(out, attention_np(q, K.astype(np.float32), V.astype(np.float32), n_past), 1e-5)
     with pytest.raises(ValueError, match="n_past"):
         dev.attention(dev.to_device(q), dev.to_device(K), dev.to_device(V), rows)
+    other = np.float16 if kv_dtype == np.float32 else np.float32
+    with pytest.raises(TypeError, match="v_cache"):  # one type for both
+        dev.attention(dev.to_device(q), dev.to_device(K), dev.to_device(V.astype(other)), n_past)
+    with pytest.raises(TypeError, match="k_cache"):
+        dev.attention(dev.to_device(q), dev.to_device(K.astype(np.float64)), dev.to_device(V), n_past)
+
+
+def test_to_f16_rounds_as_numpy(dev):
+    """Every float32 class against numpy's astype(float16), bit for bit: normals with random low bits
+    and exact ties, the subnormal range and its underflow to 0, values around the largest half (65504)
+    and overflow to inf, signed zeros, infinities and NaN."""
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)  # every exponent
+    ties = (rng.integers(0x33000000, 0x47800000, 20_000).astype(np.uint32) & ~np.uint32(0x1FFF)) | np.uint32(0x1000)
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, 2.0**-14, 2.0**-24, 2.0**-25,
+                        1.5 * 2.0**-25, 2.0**-26, 3 * 2.0**-25, 6.1e-5, np.inf, -np.inf], np.float32)
+    x = np.concatenate([bits.view(np.float32), ties.view(np.float32),
+                        rng.standard_normal(10_000).astype(np.float32) * 1e-5, special])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    got = dev.to_f16(dev.to_device(x), dev.empty(x.shape, np.float16)).to_host()
+    nan = np.isnan(x)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    with pytest.raises(ValueError, match="out"):
+        dev.to_f16(dev.to_device(x), dev.empty((3,), np.float16))
+    with pytest.raises(TypeError, match="out"):
+        dev.to_f16(dev.to_device(x), dev.empty(x.shape, np.float32))
 
 
 def test_add_and_views(dev):

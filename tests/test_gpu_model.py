@@ -17,7 +17,7 @@ from pi_backend.native import device
 pytestmark = pytest.mark.gpu
 TOKENS = [1, 84, 104, 101, 32, 99, 97, 116]  # byte vocabulary
 GiB = 1 << 30
-KV = "f32"  # the device keeps its KV cache in f32; the CPU references (and host-side layers) match it
+KV = "f16"  # the default KV type, which the device cache keeps as the host one does
 
 
 @pytest.fixture(scope="module")

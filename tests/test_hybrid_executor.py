@@ -306,19 +306,21 @@ def byte_model(tmp_path_factory):
 BYTE_TOKENS = [1, 84, 104, 101, 32, 99, 97, 116]
 
 
-@pytest.mark.parametrize("mode", ["sparse", "oracle"])
-def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_path, mode):
+@pytest.mark.parametrize("mode, kv_type", [("sparse", "f16"), ("oracle", "f16"), ("sparse", "f32")])
+def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_path, mode, kv_type):
     """A budget that holds every dense block and the KV cache: attention, norms, predictors, the output
     head and the KV cache of every layer live on the device (the residual never comes back between
     layers); the hot partition there, the cold one on the CPU. Same logits as the CPU-only engine for a
     prefill and decode steps, the same greedy tokens, and the KV cache survives save/load_state. sparse:
-    the predictor and the hot/cold split run on the device; oracle: the active set comes from the host."""
+    the predictor and the hot/cold split run on the device; oracle: the active set comes from the host.
+    The device cache holds the engine's KV type, f16 by default as on the host."""
     script = (
         "import sys, numpy as np, pi_backend\n"
         "from pi_backend.placement import CostModel\n"
-        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, n_ctx=64, mode=" + repr(mode) + ", kv_type='f32',\n"
-        "                    placement_cost=CostModel.cpu_standin(sync_s=0))\n"
+        "m = pi_backend.load(sys.argv[1], device='gpu', vram_budget=0.5, n_ctx=64, mode=" + repr(mode) + ",\n"
+        "                    kv_type=" + repr(kv_type) + ", placement_cost=CostModel.cpu_standin(sync_s=0))\n"
         "dl = m.device_layers\n"
+        "assert all(L.k.dtype == np.dtype(" + repr(kv_type.replace("f", "float")) + ") for L in dl.layers.values())\n"
         "assert dl is not None and sorted(dl.layers) == [0, 1] and dl.output is not None, m.placement.dense_gpu\n"
         "assert all((L.fc1 is not None) == (m.mode == 'sparse') and L.hot is not None for L in dl.layers.values())\n"
         "out = [m.forward(" + repr(BYTE_TOKENS) + ", all_logits=True)] + [m.forward([t]) for t in (13, 29)]\n"
@@ -339,7 +341,7 @@ def test_dense_blocks_and_kv_cache_on_the_device(byte_model, emu_device, tmp_pat
         "assert len(syncs) == 2 + 1, syncs\n"
     )
     _run_on_emulated_device(emu_device, tmp_path, byte_model.path, script)
-    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode, kv_type="f32")
+    ref_model = pi_backend.load(byte_model.path, n_ctx=64, mode=mode, kv_type=kv_type)
     ref = [ref_model.forward(BYTE_TOKENS, all_logits=True)] + [ref_model.forward([t]) for t in (13, 29)]
     ref.append(ref_model.forward([7]))
     ref_model.truncate(ref_model.n_past - 1)

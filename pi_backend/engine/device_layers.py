@@ -4,7 +4,8 @@ For each layer the placement puts on the device (its attention block, with the n
 its predictor when that fits too), the residual stream stays in device memory from one such layer to
 the next. Per layer and step:
 
-    device:  RMSNorm -> Q, K, V (K and V written straight into the layer's device KV cache) -> RoPE ->
+    device:  RMSNorm -> Q, K, V -> RoPE -> K and V into the layer's device KV cache (an f32 cache takes
+             them straight from the GEMMs; an f16 one, the default, rounded by pi_dev_to_f16) ->
              attention -> Wo, added into the residual -> FFN norm -> predictor logits -> pi_dev_select:
              the active set split into hot local ids (stay on the device) and cold neuron ids
     copy back, then the layer's one synchronisation: the FFN input (n_embd floats per token), two
@@ -63,7 +64,7 @@ class _Layer:
     wk: DeviceMatrix
     wv: DeviceMatrix
     wo: DeviceMatrix
-    k: DeviceArray | None           # KV cache [n_ctx, n_head_kv, head_dim], f32 (None: on the host)
+    k: DeviceArray | None           # KV cache [n_ctx, n_head_kv, head_dim] in the host cache's type (None: on the host)
     v: DeviceArray | None
     fc1: DeviceMatrix | None = None
     fc2: DeviceMatrix | None = None
@@ -81,15 +82,16 @@ class DeviceLayers:
         cfg = model.config
         self.cfg = cfg
         self.layers: dict[int, _Layer] = {}
-        kv_shape = (model.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        kv_shape = (model.n_ctx, cfg.n_head_kv, cfg.head_dim)  # position-major on the device (pi_dev_attention)
+        self.kv_dtype = model.state.k.dtype  # kv_type: f16 (default) or f32, as the host cache
         hot_rows = hot_rows or {}
         for li in layers:
             lw = model.weights.layers[li]
             L = _Layer(attn_norm=dev.to_device(lw.attn_norm.astype(np.float32)),
                        ffn_norm=dev.to_device(lw.ffn_norm.astype(np.float32)),
                        wq=dev.matrix(lw.wq), wk=dev.matrix(lw.wk), wv=dev.matrix(lw.wv), wo=dev.matrix(lw.wo),
-                       k=dev.zeros(kv_shape) if kv_on_device else None,
-                       v=dev.zeros(kv_shape) if kv_on_device else None)
+                       k=dev.zeros(kv_shape, self.kv_dtype) if kv_on_device else None,
+                       v=dev.zeros(kv_shape, self.kv_dtype) if kv_on_device else None)
             if li in predictors and lw.fc1 is not None and model.mode == "sparse":
                 L.fc1, L.fc2 = dev.matrix(lw.fc1), dev.matrix(lw.fc2)
             rows = hot_rows.get(li)
@@ -125,15 +127,20 @@ class DeviceLayers:
         T, d, kv_w = x.shape[0], cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
         q = dev.gemm(L.wq, h, out=self._buf("q", T, cfg.n_head * d), stream=st)
-        # K and V straight into the device cache rows of these positions (or scratch, cache on the host)
-        k = L.k.rows(pos0, pos0 + T) if L.k is not None else self._buf("k", T, kv_w).reshape(T, cfg.n_head_kv, d)
-        v = L.v.rows(pos0, pos0 + T) if L.v is not None else self._buf("v", T, kv_w).reshape(T, cfg.n_head_kv, d)
+        # K and V straight into the device cache rows of these positions when it holds f32; else into
+        # scratch, then rounded into an f16 cache (or copied back to the host's)
+        direct = L.k is not None and L.k.dtype == np.float32
+        k = L.k.rows(pos0, pos0 + T) if direct else self._buf("k", T, kv_w).reshape(T, cfg.n_head_kv, d)
+        v = L.v.rows(pos0, pos0 + T) if direct else self._buf("v", T, kv_w).reshape(T, cfg.n_head_kv, d)
         dev.gemm(L.wk, h, out=k.reshape(T, kv_w), stream=st)
         dev.gemm(L.wv, h, out=v.reshape(T, kv_w), stream=st)
         dev.rope(q.reshape(T, cfg.n_head, d), pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         att = self._buf("att", T, cfg.n_head * d)
         if L.k is not None:
+            if not direct:
+                dev.to_f16(k, L.k.rows(pos0, pos0 + T), stream=st)
+                dev.to_f16(v, L.v.rows(pos0, pos0 + T), stream=st)
             dev.attention(q.reshape(T, cfg.n_head, d), L.k, L.v, pos0, out=att, stream=st)
         else:  # the cache is on the host: attention there
             s = self.model.state
@@ -250,8 +257,8 @@ class DeviceLayers:
 
     def set_kv(self, li: int, k: np.ndarray, v: np.ndarray) -> None:
         L, n = self.layers[li], k.shape[0]
-        L.k.rows(0, n).copy_from(np.ascontiguousarray(k, np.float32), self.stream)
-        L.v.rows(0, n).copy_from(np.ascontiguousarray(v, np.float32), self.stream)
+        L.k.rows(0, n).copy_from(np.ascontiguousarray(k, L.k.dtype), self.stream)
+        L.v.rows(0, n).copy_from(np.ascontiguousarray(v, L.v.dtype), self.stream)
 
     def close(self) -> None:
         self.layers.clear()

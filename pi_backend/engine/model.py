@@ -215,7 +215,8 @@ class Model:
         return plan_for_model(self.gguf, self.config, budget_bytes=budget, activation_dir=o.activation_dir,
                               reset=o.reset_gpu_index, disable_split=o.disable_gpu_index, n_ctx=self.n_ctx,
                               thresholds=[self._layer_threshold(i) for i in range(self.config.n_layer)],
-                              cost=o.placement_cost or CostModel.for_device(self.use_gpu))
+                              cost=o.placement_cost or CostModel.for_device(self.use_gpu),
+                              kv_bytes_per_value=np.dtype(KV_TYPES[o.kv_type]).itemsize)
 
     def _executors(self):
         """(hot, cold): the GPU executor or its CPU stand-in for the hot partition, the CPU pool for the cold."""

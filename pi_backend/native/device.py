@@ -38,6 +38,7 @@ LIBRARY_NAMES = ("libpi_backend_cuda.so", "libpi_backend_hip.so")
 ENV_LIBRARY = "PI_BACKEND_DEVICE_LIB"
 
 _ACT_NAMES = native.ACTIVATIONS
+_KV_TYPES = {np.dtype(np.float32): native.TYPE_F32, np.dtype(np.float16): native.TYPE_F16}
 
 
 def device_cdef(text: str | None = None) -> str:
@@ -405,9 +406,15 @@ class Device:
     def attention(self, q: DeviceArray, k_cache: DeviceArray, v_cache: DeviceArray, n_past: int,
                   out: DeviceArray | None = None, stream=None) -> DeviceArray:
         """Causal GQA attention of q [n_tok, n_head, d] (positions n_past ..) over the cache rows
-        [kv_rows, n_head_kv, d] (the new tokens' rows already written); returns [n_tok, n_head * d]."""
+        [kv_rows, n_head_kv, d] (the new tokens' rows already written), float32 or float16 (both of one
+        type); returns [n_tok, n_head * d]."""
         q = self._arr(q, "q", np.float32, 3)
-        k_cache, v_cache = self._arr(k_cache, "k_cache", np.float32, 3), self._arr(v_cache, "v_cache", np.float32, 3)
+        kv_dtype = getattr(k_cache, "dtype", None)
+        kv_type = _KV_TYPES.get(kv_dtype) if isinstance(kv_dtype, np.dtype) else None
+        if kv_type is None:
+            raise TypeError(f"k_cache: expected a float32 or float16 DeviceArray, got {k_cache!r}")
+        k_cache = self._arr(k_cache, "k_cache", kv_dtype, 3)
+        v_cache = self._arr(v_cache, "v_cache", kv_dtype, 3)
         n_tok, n_head, d = q.shape
         kv_rows, n_head_kv, dk = k_cache.shape
         if v_cache.shape != k_cache.shape or dk != d:
@@ -418,9 +425,18 @@ class Device:
             raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
         y = self._out(out, "out", (n_tok, n_head * d))
         _check("pi_dev_attention", self.lib.pi_dev_attention(
-            q.ptr("float *"), k_cache.ptr("float *"), v_cache.ptr("float *"), kv_rows, int(n_past), n_tok, n_head,
-            n_head_kv, d, y.ptr("float *"), _stream(self.ffi, stream)))
+            q.ptr("float *"), k_cache.ptr("void *"), v_cache.ptr("void *"), kv_type, kv_rows, int(n_past), n_tok,
+            n_head, n_head_kv, d, y.ptr("float *"), _stream(self.ffi, stream)))
         return y
+
+    def to_f16(self, x: DeviceArray, out: DeviceArray, stream=None) -> DeviceArray:
+        """out = x rounded to float16 (as numpy's astype), same shape: new rows of an f16 KV cache."""
+        x, out = self._arr(x, "x", np.float32), self._arr(out, "out", np.float16)
+        if out.shape != x.shape:
+            raise ValueError(f"out: shape {out.shape} != x {x.shape}")
+        _check("pi_dev_to_f16", self.lib.pi_dev_to_f16(x.ptr("float *"), out.ptr("uint16_t *"), x.size,
+                                                       _stream(self.ffi, stream)))
+        return out
 
     def add(self, y: DeviceArray, x: DeviceArray, stream=None) -> DeviceArray:
         """y += x in place (same shape)."""

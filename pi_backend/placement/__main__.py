@@ -11,6 +11,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vram-budget", type=float, required=True, help="GiB for the GPU partition")
     ap.add_argument("--activation-dir", help="default: <model dir>/activation")
     ap.add_argument("--n-ctx", type=int, help="KV cache length (default: the model's context)")
+    ap.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="KV cache type, as the engine's --kv-type")
     ap.add_argument("--reset-gpu-index", action="store_true", help="ignore and rebuild the cached placement")
     ap.add_argument("--disable-gpu-index", action="store_true", help="dense blocks only, no FFN split")
     ap.add_argument("--balance", type=float, default=0.0, help="weight of the slowest layer (minimax) term")
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         cfg = ModelConfig.from_gguf(gguf)
         p = plan_for_model(gguf, cfg, args.vram_budget, activation_dir=args.activation_dir, n_ctx=args.n_ctx,
                            reset=args.reset_gpu_index, disable_split=args.disable_gpu_index, balance=args.balance,
-                           cost=CostModel.for_device(gpu))
+                           cost=CostModel.for_device(gpu), kv_bytes_per_value=2 if args.kv_type == "f16" else 4)
     print(format_report(p, title=args.model))
     if args.export_gpuidx:
         write_gpuidx(args.export_gpuidx, p.hot, p.n_ff, p.budget_bytes - p.dense_bytes)

@@ -56,9 +56,10 @@ def plan_for_model(gguf: GGUFFile, cfg: ModelConfig, vram_budget: float | None =
                    reset: bool = False, disable_split: bool = False, n_ctx: int | None = None,
                    thresholds: Sequence[float] | None = None, cost: CostModel | None = None,
                    balance: float = 0.0, kv_cache: str = "auto", write_cache: bool = True,
-                   stats: Sequence[np.ndarray] | None = None) -> Placement:
+                   stats: Sequence[np.ndarray] | None = None, kv_bytes_per_value: int = 2) -> Placement:
     """Place `gguf`'s model under vram_budget GiB (or budget_bytes). `stats` overrides the statistics
-    files (tests, tools); thresholds: the predictor threshold of each layer (stored with the cache)."""
+    files (tests, tools); thresholds: the predictor threshold of each layer (stored with the cache);
+    kv_bytes_per_value: 2 for an f16 KV cache (the engine's default), 4 for f32."""
     if budget_bytes is None:
         if vram_budget is None:
             raise ValueError("vram_budget: a budget in GiB (or budget_bytes) is needed to place the model")
@@ -67,7 +68,7 @@ def plan_for_model(gguf: GGUFFile, cfg: ModelConfig, vram_budget: float | None =
         budget_bytes = int(vram_budget * GiB)
     cost = cost or CostModel()
     path = gguf.path
-    sizes = ModelSizes.from_gguf(gguf, cfg, n_ctx)
+    sizes = ModelSizes.from_gguf(gguf, cfg, n_ctx, kv_bytes_per_value)
     L, n = cfg.n_layer, cfg.n_ff
     thresholds = np.asarray([cfg.threshold(i) for i in range(L)] if thresholds is None else thresholds, np.float32)
     zeros = np.zeros((L, n), np.float32)

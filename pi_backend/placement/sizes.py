@@ -84,10 +84,10 @@ class ModelSizes:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, n_ctx: int | None = None,
-                  kv_bytes_per_value: int = 4) -> "ModelSizes":
+                  kv_bytes_per_value: int = 2) -> "ModelSizes":
         """Real sizes read from the file's tensor table. n_ctx: KV cache length (default: the model's
-        training context); kv_bytes_per_value: 4 for the f32 cache the engine allocates on the device
-        (engine/device_layers.py)."""
+        training context); kv_bytes_per_value: the engine's KV type on the device as on the host, 2 for
+        f16 (its default), 4 for f32 (engine/device_layers.py)."""
         t = gguf.tensors
 
         def nbytes(*names: str) -> int:

@@ -240,6 +240,11 @@ inline float __uint_as_float(unsigned int u) {
     memcpy(&f, &u, 4);
     return f;
 }
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    memcpy(&u, &f, 4);
+    return u;
+}
 
 #define PI_SHFL_XOR(v, m) pi_emu::shfl_xor((v), (m), PI_WARP_SIZE)
 #define PI_LDG(p) pi_emu::ldg(p)

@@ -717,12 +717,53 @@ __global__ void __launch_bounds__(PI_BLOCK) k_rope(float *x, int64_t pos0, int64
     }
 }
 
+/* float -> IEEE half bits, rounded to nearest even (numpy's astype(float16), __float2half_rn), in plain
+ * integer operations so that CUDA, HIP and the emulator give the same bits: overflow to inf, subnormals,
+ * NaN kept quiet with its top payload bits */
+static __device__ __forceinline__ unsigned short pi_f2h(float f) {
+    const unsigned int x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) /* inf, NaN */
+        return (unsigned short)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    if (ax >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u); /* >= 65520 rounds past the largest half */
+    if (ax < 0x38800000u) { /* under 2^-14: a subnormal half, units of 2^-24 */
+        if (ax < 0x33000000u) return (unsigned short)sign; /* under 2^-25: 0 */
+        const unsigned int e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, shift = 126u - e; /* 14 .. 24 */
+        unsigned int q = m >> shift;
+        const unsigned int rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (q & 1u))) q++; /* may carry into the smallest normal */
+        return (unsigned short)(sign | q);
+    }
+    unsigned int h = (ax - 0x38000000u) >> 13; /* exponent rebiased 127 -> 15, 13 mantissa bits dropped */
+    const unsigned int rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (unsigned short)(sign | h);
+}
+
+/* y[i] = half(x[i]): rows written into an f16 KV cache */
+__global__ void __launch_bounds__(PI_BLOCK) k_to_f16(const float *__restrict__ x, unsigned short *__restrict__ y,
+                                                     int64_t n) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
+        y[e] = pi_f2h(x[e]);
+}
+
+/* one KV cache element as float: F32 or F16 caches (pi_dev_attention's kv_type) */
+struct KvF32 {
+    static __device__ __forceinline__ float at(const void *p, int64_t e) { return static_cast<const float *>(p)[e]; }
+};
+struct KvF16 {
+    static __device__ __forceinline__ float at(const void *p, int64_t e) {
+        return pi_gpu_h2f(static_cast<const unsigned short *>(p)[e]);
+    }
+};
+
 /* Causal GQA attention, block (head h, token t): token t (at position n_past + t) sees cache rows
- * 0 .. n_past + t. q [n_tok, n_head * d], K/V [kv_rows, n_head_kv * d], out [n_tok, n_head * d],
- * sc: scratch [n_tok, n_head, n_past + n_tok] for the scores. Warp per cache row for the scores, then
- * softmax over the block, then groups of d threads sum interleaved rows of V (in a fixed order). */
-__global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict__ q, const float *__restrict__ K,
-                                                        const float *__restrict__ V, int64_t n_past, int64_t t_base,
+ * 0 .. n_past + t. q [n_tok, n_head * d], K/V [kv_rows, n_head_kv * d] of KV (KvF32 / KvF16), out
+ * [n_tok, n_head * d], sc: scratch [n_tok, n_head, n_past + n_tok] for the scores. Warp per cache row
+ * for the scores, then softmax over the block, then groups of d threads sum interleaved rows of V (in a
+ * fixed order). */
+template <class KV>
+__global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict__ q, const void *__restrict__ K,
+                                                        const void *__restrict__ V, int64_t n_past, int64_t t_base,
                                                         int64_t n_head, int64_t n_head_kv, int64_t d, float scale,
                                                         float *__restrict__ sc, int64_t s_max, float *__restrict__ out) {
     __shared__ float red[PI_BLOCK];
@@ -733,9 +774,9 @@ __global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict_
     const float *qv = q + (t * n_head + h) * d;
     float *s = sc + (blockIdx.y * n_head + h) * s_max;
     for (int64_t r = warp; r < S; r += nw) {
-        const float *kr = K + r * kv_w + g * d;
+        const int64_t kr = r * kv_w + g * d;
         float dot = 0.0f;
-        for (int64_t j = lane; j < d; j += PI_WARP_SIZE) dot = fmaf(qv[j], kr[j], dot);
+        for (int64_t j = lane; j < d; j += PI_WARP_SIZE) dot = fmaf(qv[j], KV::at(K, kr + j), dot);
         dot = warp_sum(dot);
         if (lane == 0) s[r] = dot * scale;
     }
@@ -756,7 +797,7 @@ __global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict_
         const int G = bd / (int)d, gi = tid / (int)d, j = tid % (int)d;
         float acc = 0.0f;
         if (gi < G)
-            for (int64_t r = gi; r < S; r += G) acc = fmaf(s[r], V[r * kv_w + g * d + j], acc);
+            for (int64_t r = gi; r < S; r += G) acc = fmaf(s[r], KV::at(V, r * kv_w + g * d + j), acc);
         __syncthreads();
         if (gi < G) red[gi * d + j] = acc;
         __syncthreads();
@@ -768,7 +809,7 @@ __global__ void __launch_bounds__(PI_BLOCK) k_attention(const float *__restrict_
     } else {
         for (int64_t j = tid; j < d; j += bd) {
             float acc = 0.0f;
-            for (int64_t r = 0; r < S; r++) acc = fmaf(s[r], V[r * kv_w + g * d + j], acc);
+            for (int64_t r = 0; r < S; r++) acc = fmaf(s[r], KV::at(V, r * kv_w + g * d + j), acc);
             o[j] = acc * inv;
         }
     }
@@ -1132,10 +1173,11 @@ PI_EXPORT int pi_dev_rope(float *x, int64_t pos0, int64_t n_tok, int64_t n_heads
     return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
 }
 
-PI_EXPORT int pi_dev_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows,
-                               int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                               float *out, void *stream) {
+PI_EXPORT int pi_dev_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type,
+                               int64_t kv_rows, int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv,
+                               int64_t head_dim, float *out, void *stream) {
     if (!q || !k_cache || !v_cache || !out) return PI_ERR_NULL;
+    if (kv_type != PI_TYPE_F32 && kv_type != PI_TYPE_F16) return PI_ERR_TYPE;
     int64_t tmp;
     if (n_tok <= 0 || n_past < 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || n_head % n_head_kv ||
         n_head > GRID_Y_MAX || kv_rows > PI_MAX_DIM || n_past > kv_rows || n_tok > kv_rows - n_past ||
@@ -1156,12 +1198,28 @@ PI_EXPORT int pi_dev_attention(const float *q, const float *k_cache, const float
     const float scale = 1.0f / sqrtf((float)head_dim);
     for (int64_t t0 = 0; t0 < n_tok && !rc; t0 += chunk) {
         const int64_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
-        pi_launch(k_attention, dim3((unsigned)n_head, (unsigned)nt), dim3(PI_BLOCK), st, q, k_cache, v_cache, n_past,
-                  t0, n_head, n_head_kv, head_dim, scale, static_cast<float *>(sc), s_max, out);
+        if (kv_type == PI_TYPE_F16)
+            pi_launch(k_attention<KvF16>, dim3((unsigned)n_head, (unsigned)nt), dim3(PI_BLOCK), st, q, k_cache, v_cache,
+                      n_past, t0, n_head, n_head_kv, head_dim, scale, static_cast<float *>(sc), s_max, out);
+        else
+            pi_launch(k_attention<KvF32>, dim3((unsigned)n_head, (unsigned)nt), dim3(PI_BLOCK), st, q, k_cache, v_cache,
+                      n_past, t0, n_head, n_head_kv, head_dim, scale, static_cast<float *>(sc), s_max, out);
         if (gpuGetLastError() != gpuSuccess) rc = PI_ERR_DEVICE;
     }
     scratch_free(di, sc, st);
     return rc;
+}
+
+PI_EXPORT int pi_dev_to_f16(const float *x, uint16_t *y, int64_t n, void *stream) {
+    if (!y || !x) return PI_ERR_NULL;
+    if (n < 0 || n > PI_MAX_DIM) return PI_ERR_SHAPE;
+    if (n == 0) return PI_OK;
+    const DevInfo *di;
+    int rc;
+    if ((rc = dev_info(&di))) return rc;
+    pi_launch(k_to_f16, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), x,
+              reinterpret_cast<unsigned short *>(y), n);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
 }
 
 PI_EXPORT int pi_dev_add(float *y, const float *x, int64_t n, void *stream) {

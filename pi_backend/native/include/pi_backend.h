@@ -218,10 +218,15 @@ int pi_dev_rmsnorm(const float *x, const float *w, int64_t n_tok, int64_t n, flo
 int pi_dev_rope(float *x, int64_t pos0, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_rot,
                 float freq_base, int32_t neox, void *stream);
 /* causal grouped-query attention of q [n_tok, n_head, head_dim] at positions n_past .. over the cache
- * rows k_cache / v_cache [kv_rows, n_head_kv, head_dim] (rows n_past .. n_past + n_tok - 1 already hold
- * the new tokens); out [n_tok, n_head * head_dim]. Needs n_past + n_tok <= kv_rows. */
-int pi_dev_attention(const float *q, const float *k_cache, const float *v_cache, int64_t kv_rows, int64_t n_past,
-                     int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out, void *stream);
+ * rows k_cache / v_cache [kv_rows, n_head_kv, head_dim] (position-major on the device: a warp reads a
+ * row's head_dim values side by side), of kv_type PI_TYPE_F32 or PI_TYPE_F16 (rows n_past .. n_past +
+ * n_tok - 1 already hold the new tokens); out [n_tok, n_head * head_dim]. Needs n_past + n_tok <= kv_rows. */
+int pi_dev_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type, int64_t kv_rows,
+                     int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out,
+                     void *stream);
+/* y[i] = x[i] as IEEE half bits, rounded to nearest even (numpy's astype(float16)), for i < n: new rows
+ * of an F16 KV cache */
+int pi_dev_to_f16(const float *x, uint16_t *y, int64_t n, void *stream);
 /* y[i] += x[i] for i < n */
 int pi_dev_add(float *y, const float *x, int64_t n, void *stream);
 /* The predictor's active set split into the hot and cold partitions, on the device: neuron i is active
