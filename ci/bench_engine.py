@@ -200,6 +200,17 @@ PREFILL = [1] + [int(t) for t in np.random.default_rng(3).integers(100, 32000, 6
 PREFILL_ROUNDS = int(os.environ.get("PI_BENCH_PREFILL_ROUNDS", "5"))
 
 
+def _alternating(pi_round, llama_round, rounds: int = PREFILL_ROUNDS) -> dict[str, list[float]]:
+    """A warm-up round of each (not recorded), then `rounds` rounds, the one that goes first alternating:
+    {"pi": [seconds], "llama_cpp": [seconds]}."""
+    times: dict[str, list[float]] = {"pi": [], "llama_cpp": []}
+    pi_round(), llama_round()
+    for r in range(rounds):
+        for name, run in (("pi", pi_round), ("llama_cpp", llama_round))[:: 1 if r % 2 else -1]:
+            times[name].append(run())
+    return times
+
+
 @pytest.mark.parametrize("wtype", TYPES)
 def test_prefill_side_by_side(benchmark, wtype):
     """A 64-token prompt through pi_backend (sparse: each token over its own predicted neurons) and
@@ -218,15 +229,8 @@ def test_prefill_side_by_side(benchmark, wtype):
         llm.eval(PREFILL)
         return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {"pi": [], "llama_cpp": []}
-
-    def rounds():
-        pi_round(), llama_round()  # warm-up
-        for r in range(PREFILL_ROUNDS):
-            for name, run in (("pi", pi_round), ("llama_cpp", llama_round))[:: 1 if r % 2 else -1]:
-                times[name].append(run())
-
-    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    times: dict[str, list[float]] = {}
+    benchmark.pedantic(lambda: times.update(_alternating(pi_round, llama_round)), rounds=1, iterations=1)
     benchmark.extra_info.update(times=times, tokens=len(PREFILL))
 
 
@@ -258,15 +262,8 @@ def test_decode_long_context_side_by_side(benchmark, wtype):
         _decode_steps(lambda t: (llm.eval([t]), 13)[1])
         return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {"pi": [], "llama_cpp": []}
-
-    def rounds():
-        pi_round(), llama_round()  # warm-up
-        for r in range(PREFILL_ROUNDS):
-            for name, run in (("pi", pi_round), ("llama_cpp", llama_round))[:: 1 if r % 2 else -1]:
-                times[name].append(run())
-
-    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    times: dict[str, list[float]] = {}
+    benchmark.pedantic(lambda: times.update(_alternating(pi_round, llama_round)), rounds=1, iterations=1)
     benchmark.extra_info.update(times=times)
 
 

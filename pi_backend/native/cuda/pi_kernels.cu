@@ -1210,27 +1210,26 @@ PI_EXPORT int pi_dev_attention(const float *q, const void *k_cache, const void *
     return rc;
 }
 
-PI_EXPORT int pi_dev_to_f16(const float *x, uint16_t *y, int64_t n, void *stream) {
-    if (!y || !x) return PI_ERR_NULL;
+/* an elementwise kernel over n items (a grid-stride loop): n checked, one launch on the stream */
+template <typename... P, typename... A>
+static int launch_elementwise(void (*kernel)(P...), int64_t n, void *stream, A... args) {
     if (n < 0 || n > PI_MAX_DIM) return PI_ERR_SHAPE;
     if (n == 0) return PI_OK;
     const DevInfo *di;
     int rc;
     if ((rc = dev_info(&di))) return rc;
-    pi_launch(k_to_f16, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), x,
-              reinterpret_cast<unsigned short *>(y), n);
+    pi_launch(kernel, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), args...);
     return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
+PI_EXPORT int pi_dev_to_f16(const float *x, uint16_t *y, int64_t n, void *stream) {
+    if (!y || !x) return PI_ERR_NULL;
+    return launch_elementwise(k_to_f16, n, stream, x, reinterpret_cast<unsigned short *>(y), n);
 }
 
 PI_EXPORT int pi_dev_add(float *y, const float *x, int64_t n, void *stream) {
     if (!y || !x) return PI_ERR_NULL;
-    if (n < 0 || n > PI_MAX_DIM) return PI_ERR_SHAPE;
-    if (n == 0) return PI_OK;
-    const DevInfo *di;
-    int rc;
-    if ((rc = dev_info(&di))) return rc;
-    pi_launch(k_add, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), static_cast<gpuStream_t>(stream), y, x, n);
-    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+    return launch_elementwise(k_add, n, stream, y, x, n);
 }
 
 PI_EXPORT int pi_dev_select(const float *logits, int64_t n_tok, int64_t n_ff, float threshold, const int32_t *part,
