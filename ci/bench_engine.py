@@ -306,24 +306,26 @@ def metrics(median, bytes_of, extra) -> dict[str, float]:
             out[f"decode_fraction_of_machine_bw.{key}"] = float(np.median(sparse / pi / machine))
             out[f"info.predictor_share_of_decode.{key}"] = (median(f"test_predictors_alone[{t}]")
                                                              / float(np.median(pi)))
-    for t in TYPES:
+    def alternated(name: str):
+        """(pi seconds, llama.cpp seconds) per round of an _alternating benchmark, or None if not run"""
         try:
-            ex = extra(f"test_prefill_side_by_side[{t}]")
+            ex = extra(name)
         except KeyError:
-            continue
-        pi, llama = np.asarray(ex["times"]["pi"]), np.asarray(ex["times"]["llama_cpp"])
-        out[f"prefill_speedup_vs_llama_cpp.{t}"] = float(np.median(llama / pi))
-        out[f"info.prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / pi))
-        out[f"info.llama_cpp_prefill_tokens_per_s.{t}"] = float(np.median(ex["tokens"] / llama))
+            return None
+        return np.asarray(ex["times"]["pi"]), np.asarray(ex["times"]["llama_cpp"])
+
     for t in TYPES:
-        try:
-            ex = extra(f"test_decode_long_context_side_by_side[{t}]")
-        except KeyError:
-            continue
-        pi, llama = np.asarray(ex["times"]["pi"]), np.asarray(ex["times"]["llama_cpp"])
-        out[f"decode_speedup_vs_llama_cpp_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama / pi))
-        out[f"info.decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(pi)) / N_DECODE * 1e3
-        out[f"info.llama_cpp_decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama)) / N_DECODE * 1e3
+        if (run := alternated(f"test_prefill_side_by_side[{t}]")) is not None:
+            pi, llama = run
+            n = len(PREFILL)
+            out[f"prefill_speedup_vs_llama_cpp.{t}"] = float(np.median(llama / pi))
+            out[f"info.prefill_tokens_per_s.{t}"] = float(np.median(n / pi))
+            out[f"info.llama_cpp_prefill_tokens_per_s.{t}"] = float(np.median(n / llama))
+        if (run := alternated(f"test_decode_long_context_side_by_side[{t}]")) is not None:
+            pi, llama = run
+            out[f"decode_speedup_vs_llama_cpp_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama / pi))
+            out[f"info.decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(pi)) / N_DECODE * 1e3
+            out[f"info.llama_cpp_decode_ms_at_{LONG_CONTEXT}.{t}"] = float(np.median(llama)) / N_DECODE * 1e3
     return out
 
 
