@@ -118,6 +118,13 @@ def test_attention_c_side_refuses_bad_sizes():
     assert lib.pi_attention(f(q), ffi.NULL, f(kv), F32, 5, 0, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_NULL
     assert lib.pi_attention(f(q), f(kv), f(kv), lib.PI_TYPE_Q8_0, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_ERR_TYPE
     assert lib.pi_attention(f(q), f(kv), f(kv), F32, 5, 3, 2, 4, 2, 8, f(out), 1) == lib.PI_OK
+    x = np.zeros((2, 2, 8), np.float32)  # two tokens' rows of the 2 heads
+    assert lib.pi_kv_store(f(kv), F32, 5, 2, 8, 4, f(x), 2) == lib.PI_ERR_SHAPE  # positions 4, 5 of 5 rows
+    assert lib.pi_kv_store(f(kv), F32, 5, 2, 8, -1, f(x), 2) == lib.PI_ERR_SHAPE
+    assert lib.pi_kv_store(f(kv), F32, 5, 2, 8, 0, f(x), 0) == lib.PI_ERR_SHAPE
+    assert lib.pi_kv_store(f(kv), lib.PI_TYPE_BF16, 5, 2, 8, 0, f(x), 2) == lib.PI_ERR_TYPE
+    assert lib.pi_kv_store(ffi.NULL, F32, 5, 2, 8, 0, f(x), 2) == lib.PI_ERR_NULL
+    assert lib.pi_kv_store(f(kv), F32, 5, 2, 8, 3, f(x), 2) == lib.PI_OK
 
 
 def test_c_refuses_bad_q4_0x16_views_and_conversions():

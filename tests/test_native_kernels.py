@@ -319,6 +319,52 @@ def test_rmsnorm_and_rope_match_numpy():
         np.testing.assert_allclose(got, want, atol=2e-4)
 
 
+def _float16_specials(rng) -> np.ndarray:
+    """float32 values of every class for half rounding: random bit patterns (every exponent), exact
+    ties between two halves, the subnormal range and its underflow, the overflow edge, zeros, inf."""
+    bits = rng.integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0x33000000, 0x47800000, 5_000).astype(np.uint32) & ~np.uint32(0x1FFF)) | np.uint32(0x1000)
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, 2.0**-14, 2.0**-24, 2.0**-25,
+                        1.5 * 2.0**-25, 2.0**-26, 3 * 2.0**-25, 6.1e-5, np.inf, -np.inf], np.float32)
+    x = np.concatenate([bits.view(np.float32), ties.view(np.float32), special])
+    return x[~np.isnan(x)]
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float16, np.float32])
+def test_kv_store_writes_the_head_major_cache(isa, kv_dtype):
+    """New tokens' K/V into [n_head_kv, kv_rows, d]: each (token, head) row at its position, rounded to
+    float16 exactly as numpy's astype (every class of value; F16C on AVX2 / AVX-512, integer rounding in
+    the scalar variant), nothing else in the cache touched."""
+    rng = np.random.default_rng(17)
+    vals = _float16_specials(rng)
+    n_tok, n_head_kv, rows, d = 5, 3, 12, 40  # d = 40: F16C's 16- and 8-wide steps and a scalar tail
+    x = rng.choice(vals, (n_tok, n_head_kv, d)).astype(np.float32)
+    cache = np.full((n_head_kv, rows, d), 7, kv_dtype)
+    with np.errstate(over="ignore"):
+        want = x.astype(kv_dtype)
+    assert native.kv_store(cache, 6, x) is cache
+    np.testing.assert_array_equal(cache[:, 6:11].view(np.uint8), want.transpose(1, 0, 2).view(np.uint8))
+    assert (cache[:, :6] == 7).all() and (cache[:, 11:] == 7).all()
+    if kv_dtype == np.float16:  # every value class, one long row (the vector loops and the tail alike)
+        big = np.zeros((1, vals.size + 3), np.float16)[None]
+        xs = np.concatenate([vals, vals[:3]]).reshape(1, 1, -1)
+        native.kv_store(big.reshape(1, 1, -1), 0, xs)
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(big.reshape(-1).view(np.uint16), xs.reshape(-1).astype(np.float16).view(np.uint16))
+    with pytest.raises(ValueError, match="pos0"):
+        native.kv_store(cache, rows - n_tok + 1, x)
+    with pytest.raises(ValueError, match="x: shape"):
+        native.kv_store(cache, 0, x[:, :2].copy())
+    with pytest.raises(TypeError, match="x"):
+        native.kv_store(cache, 0, x.astype(np.float64))
+    with pytest.raises(TypeError, match="cache"):
+        native.kv_store(cache.astype(np.float64), 0, x)
+    readonly = cache.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="cache: must be writable"):
+        native.kv_store(readonly, 0, x)
+
+
 def test_isa_selection_and_info():
     info = native.info()
     assert info["isa"] in info["available_isas"]

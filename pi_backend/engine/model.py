@@ -90,10 +90,9 @@ class RunState:
     n_past: int = 0
 
     def write(self, li: int, p0: int, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v [T, n_head_kv, head_dim] into layer li's positions p0 .. p0 + T - 1"""
-        T = k.shape[0]
-        self.k[li, :, p0:p0 + T] = k.transpose(1, 0, 2)
-        self.v[li, :, p0:p0 + T] = v.transpose(1, 0, 2)
+        """k, v [T, n_head_kv, head_dim] (float32) into layer li's positions p0 .. p0 + T - 1"""
+        native.kv_store(self.k[li], p0, np.ascontiguousarray(k, np.float32))
+        native.kv_store(self.v[li], p0, np.ascontiguousarray(v, np.float32))
 
     def positions(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of positions 0 .. n - 1 of every layer, position-major"""

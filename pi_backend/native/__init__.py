@@ -437,6 +437,21 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
 _KV_TYPES = {np.dtype(np.float32): TYPE_F32, np.dtype(np.float16): TYPE_F16}
 
 
+def kv_store(cache: np.ndarray, pos0: int, x: np.ndarray) -> np.ndarray:
+    """Write x [n_tok, n_head_kv, d] (float32) into cache [n_head_kv, kv_rows, d] (attention's layout,
+    float32 or float16: rounded to nearest even, as astype) at positions pos0 .. pos0 + n_tok - 1."""
+    cache = _require(cache, "cache", (np.float32, np.float16), ndim=3, writable=True)
+    x = _require(x, "x", np.float32, ndim=3)
+    n_head_kv, kv_rows, d = cache.shape
+    if x.shape[1:] != (n_head_kv, d) or x.shape[0] == 0:
+        raise ValueError(f"x: shape {x.shape} does not fit the cache {cache.shape} ([n_tok, {n_head_kv}, {d}])")
+    if not isinstance(pos0, (int, np.integer)) or not 0 <= pos0 <= kv_rows - x.shape[0]:
+        raise ValueError(f"pos0: {pos0!r} + {x.shape[0]} new positions exceeds the cache's {kv_rows} rows")
+    _check("pi_kv_store", lib.pi_kv_store(_f(cache, "void *"), _KV_TYPES[cache.dtype], kv_rows, n_head_kv, d,
+                                          int(pos0), _f(x), x.shape[0]))
+    return cache
+
+
 def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float, neox: bool = False) -> np.ndarray:
     """Rotary embedding in place on x [n_tok, n_heads, head_dim] at positions pos [n_tok]."""
     x = _require(x, "x", np.float32, ndim=3, writable=True)

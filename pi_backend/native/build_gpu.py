@@ -34,7 +34,8 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCE = HERE / "cuda" / "pi_kernels.cu"
 HIP_SOURCE = HERE / "hip" / "pi_kernels_hip.cpp"
-DEPENDS = [SOURCE, HIP_SOURCE, HERE / "cuda" / "gpu_emu.h", HERE / "cuda" / "gpu_compat.h", HERE / "include" / "pi_backend.h"]
+DEPENDS = [SOURCE, HIP_SOURCE, HERE / "cuda" / "gpu_emu.h", HERE / "cuda" / "gpu_compat.h", HERE / "include" / "pi_backend.h",
+           HERE / "include" / "pi_half.h"]
 CUDA_ARCHS = ("80", "86", "89", "90")
 HIP_ARCHS = ("gfx90a", "gfx1030", "gfx1100")
 CUDA_LIB, HIP_LIB = "libpi_backend_cuda.so", "libpi_backend_hip.so"

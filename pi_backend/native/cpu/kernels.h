@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "../include/pi_backend.h"
+#include "../include/pi_half.h" /* pi_fp16_to_fp32, pi_fp32_to_fp16 */
 
 enum { PI_T_F32, PI_T_F16, PI_T_BF16, PI_T_Q8_0, PI_T_Q4_0, PI_T_Q4_0X16, PI_T_COUNT };
 
@@ -189,6 +190,8 @@ typedef void (*pi_attn_head_fn)(const float *q, const uint8_t *k, const uint8_t 
 
 /* out = row as F32 */
 typedef void (*pi_to_f32_fn)(const void *row, float *out, int64_t n);
+/* out[i] = half(x[i]) for i < n, rounded as pi_fp32_to_fp16 (F16C where the variant has it: the same bits) */
+typedef void (*pi_to_f16_fn)(const float *x, uint16_t *out, int64_t n);
 
 typedef struct pi_kernel_table {
     const char *name;
@@ -200,6 +203,7 @@ typedef struct pi_kernel_table {
     pi_dot_tok_fn dot_tok[PI_T_COUNT]; /* NULL: dot / dot4 token by token */
     pi_rows_tok_fn rows_tok[PI_T_COUNT]; /* NULL: dot / dot4 token by token */
     pi_attn_head_fn attn_head[PI_T_COUNT]; /* F32 / F16 KV caches; NULL: dot, softmax, axpy */
+    pi_to_f16_fn f32_to_f16;              /* new rows of an F16 KV cache */
 } pi_kernel_table;
 
 /* fp16 -> fp32 for every half (256 KiB, ggml's table): the block scales of quantized rows are read
@@ -287,46 +291,6 @@ static inline pi_xq pi_xq_run(const pi_xq *x, int64_t c) {
     }
 
 /* IEEE half -> float without F16C, exact for every input (subnormals, inf, nan) */
-static inline float pi_fp16_to_fp32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-    if (exp == 0x1fu) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400u));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
-        }
-    } else {
-        bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* float -> IEEE half, round to nearest even (as F16C and numpy), exact for every input */
-static inline uint16_t pi_fp32_to_fp16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00u;                  /* nan */
-    if (ax >= 0x477ff000u) return sign | 0x7c00u;                 /* >= 65520 rounds to inf */
-    if (ax >= 0x38800000u) {                                      /* normal half (>= 2^-14) */
-        uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);             /* round to nearest even at bit 13 */
-        return sign | (uint16_t)((r - 0x38000000u) >> 13);        /* rebias 127 -> 15 */
-    }
-    if (ax <= 0x33000000u) return sign;                           /* <= 2^-25 rounds to 0 */
-    /* subnormal half: round(|f| / 2^-24) with |f| = m * 2^(e - 150) */
-    const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, sh = 126 - e; /* 14..24 */
-    const uint32_t q = m >> sh, rem = m & ((1u << sh) - 1), halfway = 1u << (sh - 1);
-    return sign | (uint16_t)(q + (rem > halfway || (rem == halfway && (q & 1u))));
-}
-
 static inline float pi_bf16_to_fp32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;

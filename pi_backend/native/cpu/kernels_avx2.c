@@ -245,6 +245,13 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
 #undef Q4F
 }
 
+/* ---- F32 -> F16 (vcvtps2ph, round to nearest even: pi_fp32_to_fp16's bits) */
+static void f32_to_f16(const float *x, uint16_t *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) out[i] = pi_fp32_to_fp16(x[i]);
+}
+
 /* ---- rows -> F32 */
 static void to_f32_f32(const void *row, float *out, int64_t n) { memcpy(out, row, (size_t)n * 4); }
 static void to_f32_f16(const void *row, float *out, int64_t n) {
@@ -437,6 +444,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
     {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
+    f32_to_f16,
 };
 
 #pragma GCC pop_options

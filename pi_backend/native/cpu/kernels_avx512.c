@@ -456,6 +456,13 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
 
 PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 
+/* ---- F32 -> F16 (vcvtps2ph, round to nearest even: pi_fp32_to_fp16's bits) */
+static void f32_to_f16(const float *x, uint16_t *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) out[i] = pi_fp32_to_fp16(x[i]);
+}
+
 /* ---- rows -> F32 */
 static void to_f32_f32(const void *row, float *out, int64_t n) { memcpy(out, row, (size_t)n * 4); }
 static void to_f32_f16(const void *row, float *out, int64_t n) {
@@ -491,6 +498,7 @@ const pi_kernel_table pi_kernels_avx512 = {
     {NULL, NULL, NULL, NULL, NULL, dot_tok_q4_0x16},
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
     {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
+    f32_to_f16,
 };
 
 #pragma GCC pop_options

@@ -205,6 +205,10 @@ static float dot_q4_0x16(const void *row, const void *xv, int64_t n, const void 
 PI_DOT4_BY_ONE(dot4_q4_0x16, dot_q4_0x16)
 PI_Q4_0X16_AXPY_BY_RUNS(axpy_q4_0x16, to_f32_q4_0x16, axpy_q4_0)
 
+static void f32_to_f16(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = pi_fp32_to_fp16(x[i]);
+}
+
 const pi_kernel_table pi_kernels_scalar = {
     "scalar",
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_0x16},
@@ -212,4 +216,5 @@ const pi_kernel_table pi_kernels_scalar = {
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_0x16},
     {to_f32_f32, to_f32_f16, to_f32_bf16, to_f32_q8_0, to_f32_q4_0, to_f32_q4_0x16},
     quantize_x,
+    .f32_to_f16 = f32_to_f16,
 };

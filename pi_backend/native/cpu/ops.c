@@ -1028,3 +1028,27 @@ int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32
     pi_pool_run(attn_task, &c, nth);
     return atomic_load(&c.err);
 }
+
+int pi_kv_store(void *cache, int32_t kv_type, int64_t kv_rows, int64_t n_head_kv, int64_t head_dim, int64_t pos0,
+                const float *x, int64_t n_tok) {
+    if (!cache || !x) return PI_ERR_NULL;
+    if (kv_type != PI_TYPE_F32 && kv_type != PI_TYPE_F16) return PI_ERR_TYPE;
+    int64_t tmp;
+    if (n_tok <= 0 || pos0 < 0 || n_head_kv <= 0 || head_dim <= 0 || kv_rows > PI_MAX_DIM || pos0 > kv_rows ||
+        n_tok > kv_rows - pos0 || !mul_ok(n_head_kv, kv_rows, &tmp) || !mul_ok(tmp, head_dim, &tmp) ||
+        !mul_ok(tmp, 4, &tmp) || !mul_ok(n_tok, n_head_kv, &tmp) || !mul_ok(tmp, head_dim, &tmp))
+        return PI_ERR_SHAPE;
+    const pi_kernel_table *k = K();
+    /* numpy's float16 cast runs ~2.5 ns a value: 11 us for one token's K of a 7B layer, 1.3 ms for a
+     * 64-token prompt's K and V */
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t h = 0; h < n_head_kv; h++) {
+            const float *src = x + (t * n_head_kv + h) * head_dim;
+            const int64_t at = (h * kv_rows + pos0 + t) * head_dim;
+            if (kv_type == PI_TYPE_F16)
+                k->f32_to_f16(src, (uint16_t *)cache + at, head_dim);
+            else
+                memcpy((float *)cache + at, src, (size_t)head_dim * sizeof(float));
+        }
+    return PI_OK;
+}

@@ -28,6 +28,8 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include "../include/pi_half.h"
+
 #include <functional>
 #include <memory>
 #include <unordered_map>
@@ -206,27 +208,6 @@ inline int alloc(void **p, size_t n) {
     return posix_memalign(p, 256, n ? n : 1) == 0 ? 0 : 2;
 }
 
-inline float h2f(unsigned short h) { /* exact IEEE half -> float */
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-    if (exp == 0x1fu) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400u));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
-        }
-    } else {
-        bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 }  // namespace pi_emu
 
 inline void __syncthreads() { pi_emu::arrive_and_wait(pi_emu::g_block_bar, blockDim.x); }
@@ -248,7 +229,7 @@ inline unsigned int __float_as_uint(float f) {
 
 #define PI_SHFL_XOR(v, m) pi_emu::shfl_xor((v), (m), PI_WARP_SIZE)
 #define PI_LDG(p) pi_emu::ldg(p)
-static inline float pi_gpu_h2f(unsigned short h) { return pi_emu::h2f(h); }
+static inline float pi_gpu_h2f(unsigned short h) { return pi_fp16_to_fp32(h); }
 
 template <typename... P, typename... A>
 static inline void pi_launch(void (*kernel)(P...), dim3 grid, dim3 block, void *st, A... args) {

@@ -35,6 +35,7 @@
  */
 #include "gpu_compat.h"
 #include "../include/pi_backend.h"
+#include "../include/pi_half.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -717,33 +718,11 @@ __global__ void __launch_bounds__(PI_BLOCK) k_rope(float *x, int64_t pos0, int64
     }
 }
 
-/* float -> IEEE half bits, rounded to nearest even (numpy's astype(float16), __float2half_rn), in plain
- * integer operations so that CUDA, HIP and the emulator give the same bits: overflow to inf, subnormals,
- * NaN kept quiet with its top payload bits */
-static __device__ __forceinline__ unsigned short pi_f2h(float f) {
-    const unsigned int x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) /* inf, NaN */
-        return (unsigned short)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
-    if (ax >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u); /* >= 65520 rounds past the largest half */
-    if (ax < 0x38800000u) { /* under 2^-14: a subnormal half, units of 2^-24 */
-        if (ax < 0x33000000u) return (unsigned short)sign; /* under 2^-25: 0 */
-        const unsigned int e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, shift = 126u - e; /* 14 .. 24 */
-        unsigned int q = m >> shift;
-        const unsigned int rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
-        if (rem > halfway || (rem == halfway && (q & 1u))) q++; /* may carry into the smallest normal */
-        return (unsigned short)(sign | q);
-    }
-    unsigned int h = (ax - 0x38000000u) >> 13; /* exponent rebiased 127 -> 15, 13 mantissa bits dropped */
-    const unsigned int rem = ax & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
-    return (unsigned short)(sign | h);
-}
-
 /* y[i] = half(x[i]): rows written into an f16 KV cache */
 __global__ void __launch_bounds__(PI_BLOCK) k_to_f16(const float *__restrict__ x, unsigned short *__restrict__ y,
                                                      int64_t n) {
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
-        y[e] = pi_f2h(x[e]);
+        y[e] = pi_fp32_to_fp16(x[e]); /* pi_half.h: the CPU kernels' bits */
 }
 
 /* one KV cache element as float: F32 or F16 caches (pi_dev_attention's kv_type) */

@@ -169,6 +169,11 @@ int pi_rope(float *x, const int32_t *pos, int64_t n_tok, int64_t n_heads, int64_
 int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32_t kv_type, int64_t kv_rows,
                  int64_t n_past, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float *out,
                  int n_threads);
+/* new tokens into a cache of pi_attention's layout: cache [n_head_kv, kv_rows, head_dim] of kv_type
+ * (PI_TYPE_F32, or PI_TYPE_F16 rounded to nearest even) gets x [n_tok, n_head_kv, head_dim] at positions
+ * pos0 .. pos0 + n_tok - 1. Needs pos0 + n_tok <= kv_rows. */
+int pi_kv_store(void *cache, int32_t kv_type, int64_t kv_rows, int64_t n_head_kv, int64_t head_dim, int64_t pos0,
+                const float *x, int64_t n_tok);
 
 /* PI_CDEF_END */
 
