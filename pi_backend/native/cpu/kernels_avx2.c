@@ -248,7 +248,8 @@ static void axpy_q4_0(const void *const *rows, const float *a, int nr, float *y,
 /* ---- F32 -> F16 (vcvtps2ph, round to nearest even: pi_fp32_to_fp16's bits) */
 static void f32_to_f16(const float *x, uint16_t *out, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) out[i] = pi_fp32_to_fp16(x[i]);
 }
 
