@@ -319,6 +319,29 @@ def test_rmsnorm_and_rope_match_numpy():
         np.testing.assert_allclose(got, want, atol=2e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_head, n_head_kv, d", [(8, 2, 128), (12, 4, 48), (10, 2, 64), (16, 2, 16), (6, 3, 256),
+                                                  (7, 1, 32)])
+def test_grouped_query_heads_get_the_bits_they_get_alone(isa, n_head, n_head_kv, d, kv_dtype):
+    """Query heads sharing a KV head (GQA; MQA with one KV head) go through one kernel per group of up to 4
+    (AVX-512), each K and V vector read once for them: every head must get exactly the bits the per-head
+    kernel gives it over a cache where its KV head is its own (the KV heads repeated). Groups of 2..8
+    heads (sub-groups of 4 and a remainder), row counts around the 4-row score blocks, head sizes with
+    1..16 vectors."""
+    rng = np.random.default_rng(n_head * 31 + d)
+    group = n_head // n_head_kv
+    for n_tok, n_past in ((1, 0), (1, 13), (5, 37), (3, 2)):
+        rows = n_past + n_tok + 2
+        q = rng.standard_normal((n_tok, n_head, d)).astype(np.float32)
+        K = rng.standard_normal((n_head_kv, rows, d)).astype(kv_dtype)
+        V = rng.standard_normal((n_head_kv, rows, d)).astype(kv_dtype)
+        got = native.attention(q, K, V, n_past, n_threads=2)
+        alone = native.attention(q, np.repeat(K, group, axis=0), np.repeat(V, group, axis=0), n_past, n_threads=1)
+        np.testing.assert_array_equal(got, alone)
+        assert_close(got, attention_np(q, K.transpose(1, 0, 2).astype(np.float32),
+                                       V.transpose(1, 0, 2).astype(np.float32), n_past), rtol=1e-5)
+
+
 def _float16_specials(rng) -> np.ndarray:
     """float32 values of every class for half rounding: random bit patterns (every exponent), exact
     ties between two halves, the subnormal range and its underflow, the overflow edge, zeros, inf."""

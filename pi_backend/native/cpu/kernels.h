@@ -169,6 +169,12 @@ typedef void (*pi_axpy_fn)(const void *const *rows, const float *a, int nr, floa
 #define PI_ATTN_MAX_D 256
 typedef void (*pi_attn_head_fn)(const float *q, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S,
                                 int64_t d, float scale, float *s, float *out);
+/* The same for ng <= PI_ATTN_GROUP query heads sharing one KV head (GQA, MQA): q and out hold the ng
+ * heads' vectors d apart, s is scratch of ng * S floats; each head gets pi_attn_head_fn's bits, with
+ * each K and V vector read once for all of them. Where a variant has it (NULL otherwise). */
+#define PI_ATTN_GROUP 4
+typedef void (*pi_attn_group_fn)(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes,
+                                 int64_t S, int64_t d, float scale, float *s, float *out);
 
 /* 2^f for f in [-0.5, 0.5] by a degree-6 polynomial (relative error ~2e-7): the attention kernels' exp,
  * in each variant's FMA and broadcast */
@@ -204,6 +210,7 @@ typedef struct pi_kernel_table {
     pi_rows_tok_fn rows_tok[PI_T_COUNT]; /* NULL: dot / dot4 token by token */
     pi_attn_head_fn attn_head[PI_T_COUNT]; /* F32 / F16 KV caches; NULL: dot, softmax, axpy */
     pi_to_f16_fn f32_to_f16;              /* new rows of an F16 KV cache */
+    pi_attn_group_fn attn_group[PI_T_COUNT]; /* F32 / F16 KV caches shared by query heads; NULL: head by head */
 } pi_kernel_table;
 
 /* fp16 -> fp32 for every half (256 KiB, ggml's table): the block scales of quantized rows are read

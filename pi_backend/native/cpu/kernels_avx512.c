@@ -174,6 +174,107 @@ static inline __m512 load_f32_bytes(const uint8_t *p) { return _mm512_loadu_ps((
 static inline __m512 load_f16_bytes(const uint8_t *p) { return load_f16((const uint16_t *)p); }
 PI_ATTN_HEAD_FNS
 
+/* ---- attention for up to PI_ATTN_GROUP query heads that share one KV head (GQA / MQA;
+ * pi_attn_group_fn). Per head the operations and their order are ATTN_HEAD_BODY's, so each head gets
+ * the bits it gets alone; what changes is that each K and V vector is loaded and converted once for
+ * all the heads. Scores: 4 rows at a time, 4 heads x 4 rows = 16 accumulators (each over the columns
+ * in order, as acc[j] there), one transposed reduction. Weighted sum of V: 4 vectors of d at a time
+ * across all the rows. NG, M and IB are compile-time constants where these are inlined. */
+static inline __attribute__((always_inline)) __m512 kv_load(const uint8_t *p, const int f16) {
+    return f16 ? load_f16_bytes(p) : load_f32_bytes(p);
+}
+
+/* lane 4 g + r: head g's score of row r (r < M), for the rows at k, row_bytes apart */
+static inline __attribute__((always_inline)) __m512 group_scores(const float (*qs)[PI_ATTN_MAX_D], const uint8_t *k,
+                                                                 int64_t row_bytes, int nv, const int NG, const int M,
+                                                                 const int f16) {
+    __m512 acc[W];
+    for (int j = 0; j < W; j++) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < nv; i++)
+        for (int r = 0; r < M; r++) {
+            const __m512 kv = kv_load(k + r * row_bytes + (f16 ? 2 : 4) * W * i, f16);
+            for (int g = 0; g < NG; g++) acc[4 * g + r] = _mm512_fmadd_ps(kv, _mm512_load_ps(qs[g] + W * i), acc[4 * g + r]);
+        }
+    return hsum16(acc);
+}
+
+/* out[g][i0 * W .. (i0 + IB) * W) = sum_r p[g][r] v_r over those columns, rows in order */
+static inline __attribute__((always_inline)) void group_pv(const float *p, int64_t S, const uint8_t *v, int64_t row_bytes,
+                                                           int i0, const int IB, const int NG, float *out, int64_t d,
+                                                           const int f16) {
+    __m512 o[4][4];
+    for (int g = 0; g < NG; g++)
+        for (int b = 0; b < IB; b++) o[g][b] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < S; r++) {
+        const uint8_t *vr = v + r * row_bytes + (f16 ? 2 : 4) * W * i0;
+        __m512 vv[4];
+        for (int b = 0; b < IB; b++) vv[b] = kv_load(vr + (f16 ? 2 : 4) * W * b, f16);
+        for (int g = 0; g < NG; g++) {
+            const __m512 pr = _mm512_set1_ps(p[g * S + r]);
+            for (int b = 0; b < IB; b++) o[g][b] = _mm512_fmadd_ps(vv[b], pr, o[g][b]);
+        }
+    }
+    for (int g = 0; g < NG; g++)
+        for (int b = 0; b < IB; b++) _mm512_storeu_ps(out + g * d + W * (i0 + b), o[g][b]);
+}
+
+static inline __attribute__((always_inline)) void attn_group_ng(const float *q, const int NG, const uint8_t *k,
+                                                                const uint8_t *v, int64_t row_bytes, int64_t S,
+                                                                int64_t d, float scale, float *s, float *out,
+                                                                const int f16) {
+    const int nv = (int)(d / W);
+    float qs[4][PI_ATTN_MAX_D] __attribute__((aligned(64)));
+    for (int g = 0; g < NG; g++)
+        for (int i = 0; i < nv; i++)
+            _mm512_store_ps(qs[g] + W * i, _mm512_mul_ps(_mm512_loadu_ps(q + g * d + W * i), _mm512_set1_ps(scale)));
+    for (int64_t r0 = 0; r0 < S; r0 += 4) {
+        const int m = (int)(S - r0 < 4 ? S - r0 : 4);
+        const uint8_t *kr = k + r0 * row_bytes;
+        const __m512 sc = m == 4 ? group_scores(qs, kr, row_bytes, nv, NG, 4, f16)
+                        : m == 3 ? group_scores(qs, kr, row_bytes, nv, NG, 3, f16)
+                        : m == 2 ? group_scores(qs, kr, row_bytes, nv, NG, 2, f16)
+                                 : group_scores(qs, kr, row_bytes, nv, NG, 1, f16);
+        float t[W];
+        _mm512_storeu_ps(t, sc);
+        for (int g = 0; g < NG; g++)
+            for (int r = 0; r < m; r++) s[g * S + r0 + r] = t[4 * g + r];
+    }
+    for (int g = 0; g < NG; g++) { /* ATTN_HEAD_BODY's maximum, softmax and 1 / sum, head by head */
+        float *sg = s + g * S;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t r0 = 0; r0 < S; r0 += W) {
+            const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);
+            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sg + r0));
+        }
+        const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t r0 = 0; r0 < S; r0 += W) {
+            const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);
+            const __m512 e = exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + r0), mv));
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
+            _mm512_mask_storeu_ps(sg + r0, mk, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        for (int64_t r = 0; r < S; r++) sg[r] *= inv; /* the weight ATTN_HEAD_BODY broadcasts, s[r] * inv */
+    }
+    int i = 0;
+    for (; i + 4 <= nv; i += 4) group_pv(s, S, v, row_bytes, i, 4, NG, out, d, f16);
+    if (nv - i == 3) group_pv(s, S, v, row_bytes, i, 3, NG, out, d, f16);
+    else if (nv - i == 2) group_pv(s, S, v, row_bytes, i, 2, NG, out, d, f16);
+    else if (nv - i == 1) group_pv(s, S, v, row_bytes, i, 1, NG, out, d, f16);
+}
+
+#define ATTN_GROUP_FN(name, F16)                                                                            \
+    static void name(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S, \
+                     int64_t d, float scale, float *s, float *out) {                                         \
+        if (ng == 4) attn_group_ng(q, 4, k, v, row_bytes, S, d, scale, s, out, F16);                         \
+        else if (ng == 3) attn_group_ng(q, 3, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else if (ng == 2) attn_group_ng(q, 2, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else attn_group_ng(q, 1, k, v, row_bytes, S, d, scale, s, out, F16);                                 \
+    }
+ATTN_GROUP_FN(attn_group_f32, 0)
+ATTN_GROUP_FN(attn_group_f16, 1)
+
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
  * starting from a start vector taken from the activation's offsets; the lanes become floats once per
@@ -501,6 +602,7 @@ const pi_kernel_table pi_kernels_avx512 = {
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
     {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
     f32_to_f16,
+    {attn_group_f32, attn_group_f16, NULL, NULL, NULL, NULL},
 };
 
 #pragma GCC pop_options

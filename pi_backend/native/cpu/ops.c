@@ -956,11 +956,20 @@ typedef struct {
     int slot;
     int64_t row_bytes;     /* one position of one KV head: d elements */
     int64_t kvhead_bytes;  /* one KV head's kv_rows positions */
-    int64_t n_past, n_tok, n_head, group, d;
+    int64_t n_past, n_tok, n_head, n_head_kv, group, d;
     float *out;
-    _Atomic int64_t next; /* next (token, head) pair */
+    _Atomic int64_t next; /* next work item (attn_items) */
     _Atomic int err;
 } attn_ctx;
+
+/* the work items: (token, query head) pairs, or where the variant takes query heads by groups sharing
+ * a KV head (pi_attn_group_fn), (token, KV head, group of up to PI_ATTN_GROUP of its query heads) */
+static int64_t attn_items(const attn_ctx *c) {
+    const pi_kernel_table *k = K();
+    if (c->group > 1 && c->d % 16 == 0 && c->d <= PI_ATTN_MAX_D && k->attn_group[c->slot])
+        return c->n_tok * c->n_head_kv * ((c->group + PI_ATTN_GROUP - 1) / PI_ATTN_GROUP);
+    return c->n_tok * c->n_head;
+}
 
 /* one (token, head): scores over the visible rows (the cache type's dot kernel), softmax, then the
  * weighted sum of V rows (its axpy kernel, PI_AXPY_ROWS rows per call) */
@@ -971,14 +980,25 @@ static void attn_task(void *p, int tid, int nth) {
     const pi_dot_fn dot = k->dot[c->slot];
     const pi_axpy_fn axpy = k->axpy[c->slot];
     const int64_t row_bytes = c->row_bytes, kvhead_bytes = c->kvhead_bytes;
-    const int64_t d = c->d, n_items = c->n_tok * c->n_head;
-    const pi_attn_head_fn head = d % 16 == 0 && d <= PI_ATTN_MAX_D ? k->attn_head[c->slot] : NULL;
-    float *s = malloc((size_t)(c->n_past + c->n_tok) * sizeof(float));
+    const int64_t d = c->d, n_items = attn_items(c);
+    const int vec = d % 16 == 0 && d <= PI_ATTN_MAX_D;
+    const pi_attn_head_fn head = vec ? k->attn_head[c->slot] : NULL;
+    const pi_attn_group_fn group = vec && c->group > 1 ? k->attn_group[c->slot] : NULL;
+    float *s = malloc((size_t)(c->n_past + c->n_tok) * PI_ATTN_GROUP * sizeof(float));
     if (!s) { atomic_store(&c->err, PI_ERR_NOMEM); return; }
     const float scale = 1.0f / sqrtf((float)d);
+    const int64_t subs = (c->group + PI_ATTN_GROUP - 1) / PI_ATTN_GROUP; /* sub-groups per KV head */
     for (;;) {
         const int64_t item = atomic_fetch_add(&c->next, 1);
         if (item >= n_items) break;
+        if (group) { /* (token, KV head, up to PI_ATTN_GROUP of its query heads): K and V read once for them */
+            const int64_t t = item / (c->n_head_kv * subs), g = item / subs % c->n_head_kv, h = g * c->group + item % subs * PI_ATTN_GROUP;
+            const int ng = (int)(c->group - (h - g * c->group) < PI_ATTN_GROUP ? c->group - (h - g * c->group) : PI_ATTN_GROUP);
+            const int64_t at = t * c->n_head + h;
+            group(c->q + at * d, ng, c->k + g * kvhead_bytes, c->v + g * kvhead_bytes, row_bytes, c->n_past + t + 1, d,
+                  scale, s, c->out + at * d);
+            continue;
+        }
         const int64_t t = item / c->n_head, h = item % c->n_head, g = h / c->group, S = c->n_past + t + 1;
         const float *qv = c->q + item * d;
         if (head) {
@@ -1019,12 +1039,13 @@ int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32
     const int64_t row_bytes = pi_type_row_bytes(kv_type, head_dim);
     if (row_bytes < 0 || pi_type_row_bytes(kv_type, kv_w) < 0 || !mul_ok(kv_rows, row_bytes, &tmp)) return PI_ERR_SHAPE;
     attn_ctx c = {q, (const uint8_t *)k_cache, (const uint8_t *)v_cache, pi_type_slot(kv_type), row_bytes,
-                  tmp, n_past, n_tok, n_head, n_head / n_head_kv, head_dim, out, 0, PI_OK};
+                  tmp, n_past, n_tok, n_head, n_head_kv, n_head / n_head_kv, head_dim, out, 0, PI_OK};
     /* a decode step's few heads over a short cache cost less than a dispatch: one thread below ~64k MACs */
     int nth = pi_pool_resolve_threads(n_threads);
     const int64_t work = n_tok * n_head * (n_past + n_tok) * head_dim;
     if (work < ((int64_t)1 << 16)) nth = 1;
-    if (nth > n_tok * n_head) nth = (int)(n_tok * n_head);
+    const int64_t items = attn_items(&c);
+    if (nth > items) nth = (int)items;
     pi_pool_run(attn_task, &c, nth);
     return atomic_load(&c.err);
 }
