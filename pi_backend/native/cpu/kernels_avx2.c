@@ -435,6 +435,104 @@ static inline __m256 load_f32_bytes(const uint8_t *p) { return _mm256_loadu_ps((
 static inline __m256 load_f16_bytes(const uint8_t *p) { return load_f16((const uint16_t *)p); }
 PI_ATTN_HEAD_FNS
 
+/* ---- up to PI_ATTN_GROUP query heads sharing one KV head (pi_attn_group_fn): per head
+ * ATTN_HEAD_BODY's operations in its order (its bits), each K and V vector loaded and converted once
+ * for all of them. Scores 2 rows at a time (4 heads x 2 rows = hsum8's 8 accumulators), the weighted
+ * sum of V 2 vectors of d at a time across the rows (4 heads x 2 = 8 of the 16 registers). */
+static inline __attribute__((always_inline)) __m256 kv_load(const uint8_t *p, const int f16) {
+    return f16 ? load_f16_bytes(p) : load_f32_bytes(p);
+}
+
+static inline __attribute__((always_inline)) __m256 group_scores(const float (*qs)[PI_ATTN_MAX_D], const uint8_t *k,
+                                                                 int64_t row_bytes, int64_t nv, const int NG,
+                                                                 const int M, const int f16) {
+    __m256 acc[W];
+    for (int j = 0; j < W; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nv; i++)
+        for (int r = 0; r < M; r++) {
+            const __m256 kv = kv_load(k + r * row_bytes + (f16 ? 2 : 4) * W * i, f16);
+            for (int g = 0; g < NG; g++) acc[2 * g + r] = _mm256_fmadd_ps(kv, _mm256_load_ps(qs[g] + W * i), acc[2 * g + r]);
+        }
+    return hsum8(acc); /* lane 2 g + r */
+}
+
+static inline __attribute__((always_inline)) void group_pv(const float *p, int64_t S, const uint8_t *v, int64_t row_bytes,
+                                                           int64_t i0, const int IB, const int NG, float *out,
+                                                           int64_t d, const int f16) {
+    __m256 o[4][2];
+    for (int g = 0; g < NG; g++)
+        for (int b = 0; b < IB; b++) o[g][b] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < S; r++) {
+        const uint8_t *vr = v + r * row_bytes + (f16 ? 2 : 4) * W * i0;
+        __m256 vv[2];
+        for (int b = 0; b < IB; b++) vv[b] = kv_load(vr + (f16 ? 2 : 4) * W * b, f16);
+        for (int g = 0; g < NG; g++) {
+            const __m256 pr = _mm256_set1_ps(p[g * S + r]);
+            for (int b = 0; b < IB; b++) o[g][b] = _mm256_fmadd_ps(vv[b], pr, o[g][b]);
+        }
+    }
+    for (int g = 0; g < NG; g++)
+        for (int b = 0; b < IB; b++) _mm256_storeu_ps(out + g * d + W * (i0 + b), o[g][b]);
+}
+
+static inline __attribute__((always_inline)) void attn_group_ng(const float *q, const int NG, const uint8_t *k,
+                                                                const uint8_t *v, int64_t row_bytes, int64_t S,
+                                                                int64_t d, float scale, float *s, float *out,
+                                                                const int f16) {
+    const int64_t nv = d / W;
+    float qs[4][PI_ATTN_MAX_D] __attribute__((aligned(32))), mx[4], tmp[W];
+    for (int g = 0; g < NG; g++) {
+        mx[g] = -INFINITY;
+        for (int64_t i = 0; i < nv; i++)
+            _mm256_store_ps(qs[g] + W * i, _mm256_mul_ps(_mm256_loadu_ps(q + g * d + W * i), _mm256_set1_ps(scale)));
+    }
+    for (int64_t r0 = 0; r0 < S; r0 += 2) {
+        const int m = S - r0 < 2 ? 1 : 2;
+        const uint8_t *kr = k + r0 * row_bytes;
+        _mm256_storeu_ps(tmp, m == 2 ? group_scores(qs, kr, row_bytes, nv, NG, 2, f16)
+                                     : group_scores(qs, kr, row_bytes, nv, NG, 1, f16));
+        for (int g = 0; g < NG; g++)
+            for (int r = 0; r < m; r++) {
+                const float t = tmp[2 * g + r];
+                s[g * S + r0 + r] = t;
+                mx[g] = t > mx[g] ? t : mx[g];
+            }
+    }
+    for (int g = 0; g < NG; g++) { /* ATTN_HEAD_BODY's softmax, head by head */
+        float *sg = s + g * S;
+        const __m256 mv = _mm256_set1_ps(mx[g]);
+        __m256 sum = _mm256_setzero_ps();
+        int64_t r = 0;
+        for (; r + W <= S; r += W) {
+            const __m256 e = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(sg + r), mv));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(sg + r, e);
+        }
+        float total = hsum(sum);
+        if (r < S) {
+            for (int j = 0; j < W; j++) tmp[j] = r + j < S ? sg[r + j] : mx[g];
+            _mm256_storeu_ps(tmp, exp_le0(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)));
+            for (int64_t j = 0; r + j < S; j++) total += (sg[r + j] = tmp[j]);
+        }
+        const float inv = 1.0f / total;
+        for (int64_t rr = 0; rr < S; rr++) sg[rr] *= inv; /* the weight ATTN_HEAD_BODY broadcasts */
+    }
+    int64_t i = 0;
+    for (; i + 2 <= nv; i += 2) group_pv(s, S, v, row_bytes, i, 2, NG, out, d, f16);
+    if (i < nv) group_pv(s, S, v, row_bytes, i, 1, NG, out, d, f16);
+}
+
+#define ATTN_GROUP_FN(name, F16)                                                                            \
+    static void name(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S, \
+                     int64_t d, float scale, float *s, float *out) {                                         \
+        if (ng == 4) attn_group_ng(q, 4, k, v, row_bytes, S, d, scale, s, out, F16);                         \
+        else if (ng == 3) attn_group_ng(q, 3, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else if (ng == 2) attn_group_ng(q, 2, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else attn_group_ng(q, 1, k, v, row_bytes, S, d, scale, s, out, F16);                                 \
+    }
+ATTN_GROUP_FN(attn_group_f32, 0)
+ATTN_GROUP_FN(attn_group_f16, 1)
+
 const pi_kernel_table pi_kernels_avx2 = {
     "avx2",
     {dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_0x16},
@@ -446,6 +544,7 @@ const pi_kernel_table pi_kernels_avx2 = {
     {rows_tok_f32, rows_tok_f16, rows_tok_bf16, NULL, NULL, NULL},
     {attn_head_f32, attn_head_f16, NULL, NULL, NULL, NULL},
     f32_to_f16,
+    {attn_group_f32, attn_group_f16, NULL, NULL, NULL, NULL},
 };
 
 #pragma GCC pop_options
