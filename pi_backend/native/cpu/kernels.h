@@ -182,6 +182,63 @@ typedef void (*pi_attn_group_fn)(const float *q, int ng, const uint8_t *k, const
     FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.5353362e-4f), f, SET1(1.3398874e-3f)), f, SET1(9.6181291e-3f)), f,        \
                     SET1(5.5504109e-2f)), f, SET1(2.4022651e-1f)), f, SET1(6.9314718e-1f)), f, SET1(1.0f))
 
+/* The shared pieces of a variant's pi_attn_group_fn: the including file defines PI_V and PI_V_ZERO /
+ * PI_V_FMA / PI_V_LOADA (aligned) / PI_V_SET1 / PI_V_STOREU, W, PI_V_HSUMW (lane j = the sum of vector j
+ * of W, each by the same tree as alone) and load_f32_bytes / load_f16_bytes. RB rows of scores at a
+ * time (W / RB heads at most), the weighted sum of V IBMAX vectors of d at a time; per (head, row) and
+ * (head, column) the operations come in the per-head kernel's order. NG, M and IB are constants where
+ * these are inlined. */
+#define PI_ATTN_GROUP_PIECES(RB, IBMAX)                                                                     \
+    static inline __attribute__((always_inline)) PI_V kv_load(const uint8_t *p, const int f16) {             \
+        return f16 ? load_f16_bytes(p) : load_f32_bytes(p);                                                 \
+    }                                                                                                       \
+    /* lane RB g + r: head g's score of row r < M, rows row_bytes apart from k */                          \
+    static inline __attribute__((always_inline)) PI_V group_scores(const float (*qs)[PI_ATTN_MAX_D],          \
+                                                                   const uint8_t *k, int64_t row_bytes,      \
+                                                                   int64_t nv, const int NG, const int M,    \
+                                                                   const int f16) {                         \
+        PI_V acc[W];                                                                                        \
+        for (int j = 0; j < W; j++) acc[j] = PI_V_ZERO();                                                   \
+        for (int64_t i = 0; i < nv; i++)                                                                    \
+            for (int r = 0; r < M; r++) {                                                                   \
+                const PI_V kv = kv_load(k + r * row_bytes + (f16 ? 2 : 4) * W * i, f16);                    \
+                for (int g = 0; g < NG; g++)                                                                \
+                    acc[RB * g + r] = PI_V_FMA(kv, PI_V_LOADA(qs[g] + W * i), acc[RB * g + r]);             \
+            }                                                                                               \
+        return PI_V_HSUMW(acc);                                                                             \
+    }                                                                                                       \
+    /* out[g][W i0 .. W (i0 + IB)) = sum_r p[g][r] v_r, rows in order */                                   \
+    static inline __attribute__((always_inline)) void group_pv(const float *p, int64_t S, const uint8_t *v,   \
+                                                               int64_t row_bytes, int64_t i0, const int IB,  \
+                                                               const int NG, float *out, int64_t d,          \
+                                                               const int f16) {                             \
+        PI_V o[PI_ATTN_GROUP][IBMAX];                                                                       \
+        for (int g = 0; g < NG; g++)                                                                        \
+            for (int b = 0; b < IB; b++) o[g][b] = PI_V_ZERO();                                             \
+        for (int64_t r = 0; r < S; r++) {                                                                   \
+            const uint8_t *vr = v + r * row_bytes + (f16 ? 2 : 4) * W * i0;                                 \
+            PI_V vv[IBMAX];                                                                                 \
+            for (int b = 0; b < IB; b++) vv[b] = kv_load(vr + (f16 ? 2 : 4) * W * b, f16);                  \
+            for (int g = 0; g < NG; g++) {                                                                  \
+                const PI_V pr = PI_V_SET1(p[g * S + r]);                                                    \
+                for (int b = 0; b < IB; b++) o[g][b] = PI_V_FMA(vv[b], pr, o[g][b]);                        \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int g = 0; g < NG; g++)                                                                        \
+            for (int b = 0; b < IB; b++) PI_V_STOREU(out + g * d + W * (i0 + b), o[g][b]);                  \
+    }
+
+/* a pi_attn_group_fn `name` around the variant's attn_group_ng(q, NG, ..., f16), NG a constant */
+#define PI_ATTN_GROUP_FN(name, F16)                                                                         \
+    static void name(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S, \
+                     int64_t d, float scale, float *s, float *out) {                                         \
+        if (ng == 4) attn_group_ng(q, 4, k, v, row_bytes, S, d, scale, s, out, F16);                         \
+        else if (ng == 3) attn_group_ng(q, 3, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else if (ng == 2) attn_group_ng(q, 2, k, v, row_bytes, S, d, scale, s, out, F16);                    \
+        else attn_group_ng(q, 1, k, v, row_bytes, S, d, scale, s, out, F16);                                 \
+    }
+#define PI_ATTN_GROUP_FNS PI_ATTN_GROUP_FN(attn_group_f32, 0) PI_ATTN_GROUP_FN(attn_group_f16, 1)
+
 /* the F32 and F16 pi_attn_head_fn of a variant, around its ATTN_HEAD_BODY(LOAD, ESIZE) and its
  * load_f32_bytes / load_f16_bytes */
 #define PI_ATTN_HEAD_FNS                                                                                    \

@@ -439,41 +439,11 @@ PI_ATTN_HEAD_FNS
  * ATTN_HEAD_BODY's operations in its order (its bits), each K and V vector loaded and converted once
  * for all of them. Scores 2 rows at a time (4 heads x 2 rows = hsum8's 8 accumulators), the weighted
  * sum of V 2 vectors of d at a time across the rows (4 heads x 2 = 8 of the 16 registers). */
-static inline __attribute__((always_inline)) __m256 kv_load(const uint8_t *p, const int f16) {
-    return f16 ? load_f16_bytes(p) : load_f32_bytes(p);
-}
-
-static inline __attribute__((always_inline)) __m256 group_scores(const float (*qs)[PI_ATTN_MAX_D], const uint8_t *k,
-                                                                 int64_t row_bytes, int64_t nv, const int NG,
-                                                                 const int M, const int f16) {
-    __m256 acc[W];
-    for (int j = 0; j < W; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nv; i++)
-        for (int r = 0; r < M; r++) {
-            const __m256 kv = kv_load(k + r * row_bytes + (f16 ? 2 : 4) * W * i, f16);
-            for (int g = 0; g < NG; g++) acc[2 * g + r] = _mm256_fmadd_ps(kv, _mm256_load_ps(qs[g] + W * i), acc[2 * g + r]);
-        }
-    return hsum8(acc); /* lane 2 g + r */
-}
-
-static inline __attribute__((always_inline)) void group_pv(const float *p, int64_t S, const uint8_t *v, int64_t row_bytes,
-                                                           int64_t i0, const int IB, const int NG, float *out,
-                                                           int64_t d, const int f16) {
-    __m256 o[4][2];
-    for (int g = 0; g < NG; g++)
-        for (int b = 0; b < IB; b++) o[g][b] = _mm256_setzero_ps();
-    for (int64_t r = 0; r < S; r++) {
-        const uint8_t *vr = v + r * row_bytes + (f16 ? 2 : 4) * W * i0;
-        __m256 vv[2];
-        for (int b = 0; b < IB; b++) vv[b] = kv_load(vr + (f16 ? 2 : 4) * W * b, f16);
-        for (int g = 0; g < NG; g++) {
-            const __m256 pr = _mm256_set1_ps(p[g * S + r]);
-            for (int b = 0; b < IB; b++) o[g][b] = _mm256_fmadd_ps(vv[b], pr, o[g][b]);
-        }
-    }
-    for (int g = 0; g < NG; g++)
-        for (int b = 0; b < IB; b++) _mm256_storeu_ps(out + g * d + W * (i0 + b), o[g][b]);
-}
+#define PI_V_LOADA _mm256_load_ps
+#define PI_V_SET1 _mm256_set1_ps
+#define PI_V_STOREU _mm256_storeu_ps
+#define PI_V_HSUMW hsum8
+PI_ATTN_GROUP_PIECES(2, 2)
 
 static inline __attribute__((always_inline)) void attn_group_ng(const float *q, const int NG, const uint8_t *k,
                                                                 const uint8_t *v, int64_t row_bytes, int64_t S,
@@ -522,16 +492,7 @@ static inline __attribute__((always_inline)) void attn_group_ng(const float *q, 
     if (i < nv) group_pv(s, S, v, row_bytes, i, 1, NG, out, d, f16);
 }
 
-#define ATTN_GROUP_FN(name, F16)                                                                            \
-    static void name(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S, \
-                     int64_t d, float scale, float *s, float *out) {                                         \
-        if (ng == 4) attn_group_ng(q, 4, k, v, row_bytes, S, d, scale, s, out, F16);                         \
-        else if (ng == 3) attn_group_ng(q, 3, k, v, row_bytes, S, d, scale, s, out, F16);                    \
-        else if (ng == 2) attn_group_ng(q, 2, k, v, row_bytes, S, d, scale, s, out, F16);                    \
-        else attn_group_ng(q, 1, k, v, row_bytes, S, d, scale, s, out, F16);                                 \
-    }
-ATTN_GROUP_FN(attn_group_f32, 0)
-ATTN_GROUP_FN(attn_group_f16, 1)
+PI_ATTN_GROUP_FNS
 
 const pi_kernel_table pi_kernels_avx2 = {
     "avx2",

@@ -180,43 +180,11 @@ PI_ATTN_HEAD_FNS
  * all the heads. Scores: 4 rows at a time, 4 heads x 4 rows = 16 accumulators (each over the columns
  * in order, as acc[j] there), one transposed reduction. Weighted sum of V: 4 vectors of d at a time
  * across all the rows. NG, M and IB are compile-time constants where these are inlined. */
-static inline __attribute__((always_inline)) __m512 kv_load(const uint8_t *p, const int f16) {
-    return f16 ? load_f16_bytes(p) : load_f32_bytes(p);
-}
-
-/* lane 4 g + r: head g's score of row r (r < M), for the rows at k, row_bytes apart */
-static inline __attribute__((always_inline)) __m512 group_scores(const float (*qs)[PI_ATTN_MAX_D], const uint8_t *k,
-                                                                 int64_t row_bytes, int nv, const int NG, const int M,
-                                                                 const int f16) {
-    __m512 acc[W];
-    for (int j = 0; j < W; j++) acc[j] = _mm512_setzero_ps();
-    for (int i = 0; i < nv; i++)
-        for (int r = 0; r < M; r++) {
-            const __m512 kv = kv_load(k + r * row_bytes + (f16 ? 2 : 4) * W * i, f16);
-            for (int g = 0; g < NG; g++) acc[4 * g + r] = _mm512_fmadd_ps(kv, _mm512_load_ps(qs[g] + W * i), acc[4 * g + r]);
-        }
-    return hsum16(acc);
-}
-
-/* out[g][i0 * W .. (i0 + IB) * W) = sum_r p[g][r] v_r over those columns, rows in order */
-static inline __attribute__((always_inline)) void group_pv(const float *p, int64_t S, const uint8_t *v, int64_t row_bytes,
-                                                           int i0, const int IB, const int NG, float *out, int64_t d,
-                                                           const int f16) {
-    __m512 o[4][4];
-    for (int g = 0; g < NG; g++)
-        for (int b = 0; b < IB; b++) o[g][b] = _mm512_setzero_ps();
-    for (int64_t r = 0; r < S; r++) {
-        const uint8_t *vr = v + r * row_bytes + (f16 ? 2 : 4) * W * i0;
-        __m512 vv[4];
-        for (int b = 0; b < IB; b++) vv[b] = kv_load(vr + (f16 ? 2 : 4) * W * b, f16);
-        for (int g = 0; g < NG; g++) {
-            const __m512 pr = _mm512_set1_ps(p[g * S + r]);
-            for (int b = 0; b < IB; b++) o[g][b] = _mm512_fmadd_ps(vv[b], pr, o[g][b]);
-        }
-    }
-    for (int g = 0; g < NG; g++)
-        for (int b = 0; b < IB; b++) _mm512_storeu_ps(out + g * d + W * (i0 + b), o[g][b]);
-}
+#define PI_V_LOADA _mm512_load_ps
+#define PI_V_SET1 _mm512_set1_ps
+#define PI_V_STOREU _mm512_storeu_ps
+#define PI_V_HSUMW hsum16
+PI_ATTN_GROUP_PIECES(4, 4)
 
 static inline __attribute__((always_inline)) void attn_group_ng(const float *q, const int NG, const uint8_t *k,
                                                                 const uint8_t *v, int64_t row_bytes, int64_t S,
@@ -264,16 +232,7 @@ static inline __attribute__((always_inline)) void attn_group_ng(const float *q, 
     else if (nv - i == 1) group_pv(s, S, v, row_bytes, i, 1, NG, out, d, f16);
 }
 
-#define ATTN_GROUP_FN(name, F16)                                                                            \
-    static void name(const float *q, int ng, const uint8_t *k, const uint8_t *v, int64_t row_bytes, int64_t S, \
-                     int64_t d, float scale, float *s, float *out) {                                         \
-        if (ng == 4) attn_group_ng(q, 4, k, v, row_bytes, S, d, scale, s, out, F16);                         \
-        else if (ng == 3) attn_group_ng(q, 3, k, v, row_bytes, S, d, scale, s, out, F16);                    \
-        else if (ng == 2) attn_group_ng(q, 2, k, v, row_bytes, S, d, scale, s, out, F16);                    \
-        else attn_group_ng(q, 1, k, v, row_bytes, S, d, scale, s, out, F16);                                 \
-    }
-ATTN_GROUP_FN(attn_group_f32, 0)
-ATTN_GROUP_FN(attn_group_f16, 1)
+PI_ATTN_GROUP_FNS
 
 /* Quantized rows x quantized activations (pi_xq), one block per 256-bit register: vpdpbusd multiplies
  * unsigned weight bytes by the signed activation bytes and sums each group of 4 into 8 int32 lanes,
