@@ -83,15 +83,15 @@ class DeviceLayers:
         self.cfg = cfg
         self.layers: dict[int, _Layer] = {}
         kv_shape = (model.n_ctx, cfg.n_head_kv, cfg.head_dim)  # position-major on the device (pi_dev_attention)
-        self.kv_dtype = model.state.k.dtype  # kv_type: f16 (default) or f32, as the host cache
+        kv_dtype = model.state.k.dtype  # kv_type: f16 (default) or f32, as the host cache
         hot_rows = hot_rows or {}
         for li in layers:
             lw = model.weights.layers[li]
             L = _Layer(attn_norm=dev.to_device(lw.attn_norm.astype(np.float32)),
                        ffn_norm=dev.to_device(lw.ffn_norm.astype(np.float32)),
                        wq=dev.matrix(lw.wq), wk=dev.matrix(lw.wk), wv=dev.matrix(lw.wv), wo=dev.matrix(lw.wo),
-                       k=dev.zeros(kv_shape, self.kv_dtype) if kv_on_device else None,
-                       v=dev.zeros(kv_shape, self.kv_dtype) if kv_on_device else None)
+                       k=dev.zeros(kv_shape, kv_dtype) if kv_on_device else None,
+                       v=dev.zeros(kv_shape, kv_dtype) if kv_on_device else None)
             if li in predictors and lw.fc1 is not None and model.mode == "sparse":
                 L.fc1, L.fc2 = dev.matrix(lw.fc1), dev.matrix(lw.fc2)
             rows = hot_rows.get(li)

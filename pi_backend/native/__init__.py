@@ -429,12 +429,12 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
         raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
     y = _out(out, "out", (n_tok, n_head * d))
     _check("pi_attention", lib.pi_attention(_f(q), _f(k_cache, "void *"), _f(v_cache, "void *"),
-                                            _KV_TYPES[k_cache.dtype], kv_rows, int(n_past), n_tok, n_head,
+                                            KV_TYPE_IDS[k_cache.dtype], kv_rows, int(n_past), n_tok, n_head,
                                             n_head_kv, d, _f(y), _threads(n_threads)))
     return y
 
 
-_KV_TYPES = {np.dtype(np.float32): TYPE_F32, np.dtype(np.float16): TYPE_F16}
+KV_TYPE_IDS = {np.dtype(np.float32): TYPE_F32, np.dtype(np.float16): TYPE_F16}  # KV cache dtype -> type id
 
 
 def kv_store(cache: np.ndarray, pos0: int, x: np.ndarray) -> np.ndarray:
@@ -447,7 +447,7 @@ def kv_store(cache: np.ndarray, pos0: int, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"x: shape {x.shape} does not fit the cache {cache.shape} ([n_tok, {n_head_kv}, {d}])")
     if not isinstance(pos0, (int, np.integer)) or not 0 <= pos0 <= kv_rows - x.shape[0]:
         raise ValueError(f"pos0: {pos0!r} + {x.shape[0]} new positions exceeds the cache's {kv_rows} rows")
-    _check("pi_kv_store", lib.pi_kv_store(_f(cache, "void *"), _KV_TYPES[cache.dtype], kv_rows, n_head_kv, d,
+    _check("pi_kv_store", lib.pi_kv_store(_f(cache, "void *"), KV_TYPE_IDS[cache.dtype], kv_rows, n_head_kv, d,
                                           int(pos0), _f(x), x.shape[0]))
     return cache
 

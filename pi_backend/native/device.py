@@ -38,7 +38,6 @@ LIBRARY_NAMES = ("libpi_backend_cuda.so", "libpi_backend_hip.so")
 ENV_LIBRARY = "PI_BACKEND_DEVICE_LIB"
 
 _ACT_NAMES = native.ACTIVATIONS
-_KV_TYPES = {np.dtype(np.float32): native.TYPE_F32, np.dtype(np.float16): native.TYPE_F16}
 
 
 def device_cdef(text: str | None = None) -> str:
@@ -410,7 +409,7 @@ class Device:
         type); returns [n_tok, n_head * d]."""
         q = self._arr(q, "q", np.float32, 3)
         kv_dtype = getattr(k_cache, "dtype", None)
-        kv_type = _KV_TYPES.get(kv_dtype) if isinstance(kv_dtype, np.dtype) else None
+        kv_type = native.KV_TYPE_IDS.get(kv_dtype) if isinstance(kv_dtype, np.dtype) else None
         if kv_type is None:
             raise TypeError(f"k_cache: expected a float32 or float16 DeviceArray, got {k_cache!r}")
         k_cache = self._arr(k_cache, "k_cache", kv_dtype, 3)

@@ -385,6 +385,26 @@ static inline __m256 exp_le0(__m256 x) {
 
 /* d a multiple of 8: q and the output are taken 8 vectors (64 columns) at a time, as 16 registers
  * would not hold a whole head */
+/* s[r] = exp(s[r] - m) for r < S in place, 8 rows at a time (the last ones in a block padded with m);
+ * returns 1 / their sum */
+static inline float softmax_exp(float *s, int64_t S, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t r = 0;
+    for (; r + W <= S; r += W) {
+        const __m256 e = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(s + r), mv));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(s + r, e);
+    }
+    float total = hsum(sum), tmp[W];
+    if (r < S) { /* the last rows through the same function, in a padded block */
+        for (int j = 0; j < W; j++) tmp[j] = r + j < S ? s[r + j] : m;
+        _mm256_storeu_ps(tmp, exp_le0(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)));
+        for (int64_t j = 0; r + j < S; j++) total += (s[r + j] = tmp[j]);
+    }
+    return 1.0f / total;
+}
+
 #define ATTN_HEAD_BODY(LOAD, ESIZE)                                                                         \
     const int64_t nv = d / W;                                                                               \
     const __m256 sv = _mm256_set1_ps(scale);                                                                \
@@ -404,21 +424,7 @@ static inline __m256 exp_le0(__m256 x) {
             mx = tmp[j] > mx ? tmp[j] : mx;                                                                 \
         }                                                                                                   \
     }                                                                                                       \
-    const __m256 mv = _mm256_set1_ps(mx);                                                                   \
-    __m256 sum = _mm256_setzero_ps();                                                                       \
-    int64_t r = 0;                                                                                          \
-    for (; r + W <= S; r += W) {                                                                            \
-        const __m256 e = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(s + r), mv));                                \
-        sum = _mm256_add_ps(sum, e);                                                                        \
-        _mm256_storeu_ps(s + r, e);                                                                         \
-    }                                                                                                       \
-    float total = hsum(sum);                                                                                \
-    if (r < S) { /* the last rows through the same function, in a padded block */                          \
-        for (int j = 0; j < W; j++) tmp[j] = r + j < S ? s[r + j] : mx;                                     \
-        _mm256_storeu_ps(tmp, exp_le0(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)));                            \
-        for (int64_t j = 0; r + j < S; j++) total += (s[r + j] = tmp[j]);                                   \
-    }                                                                                                       \
-    const float inv = 1.0f / total;                                                                         \
+    const float inv = softmax_exp(s, S, mx);                                                                \
     for (int64_t i0 = 0; i0 < nv; i0 += 8) {                                                                \
         const int nb = (int)(nv - i0 < 8 ? nv - i0 : 8);                                                    \
         __m256 o[8];                                                                                        \
@@ -470,21 +476,7 @@ static inline __attribute__((always_inline)) void attn_group_ng(const float *q, 
     }
     for (int g = 0; g < NG; g++) { /* ATTN_HEAD_BODY's softmax, head by head */
         float *sg = s + g * S;
-        const __m256 mv = _mm256_set1_ps(mx[g]);
-        __m256 sum = _mm256_setzero_ps();
-        int64_t r = 0;
-        for (; r + W <= S; r += W) {
-            const __m256 e = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(sg + r), mv));
-            sum = _mm256_add_ps(sum, e);
-            _mm256_storeu_ps(sg + r, e);
-        }
-        float total = hsum(sum);
-        if (r < S) {
-            for (int j = 0; j < W; j++) tmp[j] = r + j < S ? sg[r + j] : mx[g];
-            _mm256_storeu_ps(tmp, exp_le0(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv)));
-            for (int64_t j = 0; r + j < S; j++) total += (sg[r + j] = tmp[j]);
-        }
-        const float inv = 1.0f / total;
+        const float inv = softmax_exp(sg, S, mx[g]);
         for (int64_t rr = 0; rr < S; rr++) sg[rr] *= inv; /* the weight ATTN_HEAD_BODY broadcasts */
     }
     int64_t i = 0;

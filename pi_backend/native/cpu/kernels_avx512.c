@@ -134,6 +134,19 @@ static inline __m512 exp_le0(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* s[r] = exp(s[r] - m) for r < S in place, 16 rows at a time (the last masked); returns 1 / their sum */
+static inline float softmax_exp(float *s, int64_t S, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t r0 = 0; r0 < S; r0 += W) {
+        const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);
+        const __m512 e = exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + r0), mv));
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
+        _mm512_mask_storeu_ps(s + r0, mk, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
 #define ATTN_HEAD_BODY(LOAD, ESIZE)                                                                         \
     const int nv = (int)(d / W);                                                                            \
     __m512 qv[PI_ATTN_MAX_D / W];                                                                           \
@@ -152,15 +165,7 @@ static inline __m512 exp_le0(__m512 x) {
         _mm512_mask_storeu_ps(s + r0, mk, sc);                                                              \
         mx = _mm512_mask_max_ps(mx, mk, mx, sc);                                                            \
     }                                                                                                       \
-    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                                             \
-    __m512 sum = _mm512_setzero_ps();                                                                       \
-    for (int64_t r0 = 0; r0 < S; r0 += W) {                                                                 \
-        const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);                       \
-        const __m512 e = exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + r0), mv));                     \
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));                                               \
-        _mm512_mask_storeu_ps(s + r0, mk, e);                                                               \
-    }                                                                                                       \
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);                                                     \
+    const float inv = softmax_exp(s, S, _mm512_reduce_max_ps(mx));                                          \
     __m512 o[PI_ATTN_MAX_D / W];                                                                            \
     for (int i = 0; i < nv; i++) o[i] = _mm512_setzero_ps();                                                \
     for (int64_t r = 0; r < S; r++) { /* the weighted sum of V in registers */                             \
@@ -214,15 +219,7 @@ static inline __attribute__((always_inline)) void attn_group_ng(const float *q, 
             const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);
             mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sg + r0));
         }
-        const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t r0 = 0; r0 < S; r0 += W) {
-            const __mmask16 mk = (__mmask16)(S - r0 < W ? (1u << (S - r0)) - 1 : 0xffff);
-            const __m512 e = exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + r0), mv));
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
-            _mm512_mask_storeu_ps(sg + r0, mk, e);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        const float inv = softmax_exp(sg, S, _mm512_reduce_max_ps(mx));
         for (int64_t r = 0; r < S; r++) sg[r] *= inv; /* the weight ATTN_HEAD_BODY broadcasts, s[r] * inv */
     }
     int i = 0;
