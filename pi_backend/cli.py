@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-gpu-index", action="store_true", help="no FFN split: only dense blocks offloaded")
     g.add_argument("--device", choices=("auto", "gpu", "cpu"), help="where the hot partition runs (default auto)")
     g.add_argument("--kv-type", choices=("f16", "f32"),
-                   help="KV cache element type (default f16, as llama.cpp's --cache-type-k/-v; a GPU keeps its own in f32)")
+                   help="KV cache element type (default f16, as llama.cpp's --cache-type-k/-v; on the host and the GPU alike)")
     g.add_argument("--no-mmap", action="store_true",
                    help="read the weights into private memory instead of mapping the file (as llama.cpp's "
                         "--no-mmap); the RAM cannot be reclaimed")
