@@ -104,14 +104,23 @@ class DeviceLayers:
         w = model.weights
         self.output = (dev.to_device(w.output_norm.astype(np.float32)), dev.matrix(w.output)) if output else None
         self._bufs: dict[str, DeviceArray] = {}
+        self._views: dict[tuple, DeviceArray] = {}
 
     # ---- plumbing
-    def _buf(self, name: str, rows: int, width: int, dtype=np.float32) -> DeviceArray:
-        """Scratch [rows, width] (a view of a buffer that only grows)."""
+    def _buf(self, name: str, rows: int, width: int, dtype=np.float32, shape: tuple | None = None) -> DeviceArray:
+        """Scratch [rows, width] (or reshaped to `shape`): a view of a buffer that only grows. The views
+        are kept, since a decode step asks for the same ones at every layer."""
+        key = (name, rows, width, shape)
+        v = self._views.get(key)
+        if v is not None:
+            return v
         b = self._bufs.get(name)
         if b is None or b.shape[0] < rows or b.shape[1] != width:
             b = self._bufs[name] = self.dev.empty((max(rows, 1), width), dtype)
-        return b.rows(0, rows)
+            self._views = {k: w for k, w in self._views.items() if k[0] != name}
+        v = b.rows(0, rows)
+        v = self._views[key] = v if shape is None else v.reshape(shape)
+        return v
 
     def upload(self, x: np.ndarray) -> DeviceArray:
         T = x.shape[0]
@@ -127,21 +136,26 @@ class DeviceLayers:
         T, d, kv_w = x.shape[0], cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
         q = dev.gemm(L.wq, h, out=self._buf("q", T, cfg.n_head * d), stream=st)
+        q3 = self._buf("q", T, cfg.n_head * d, shape=(T, cfg.n_head, d))
         # K and V straight into the device cache rows of these positions when it holds f32; else into
         # scratch, then rounded into an f16 cache (or copied back to the host's)
         direct = L.k is not None and L.k.dtype == np.float32
-        k = L.k.rows(pos0, pos0 + T) if direct else self._buf("k", T, kv_w).reshape(T, cfg.n_head_kv, d)
-        v = L.v.rows(pos0, pos0 + T) if direct else self._buf("v", T, kv_w).reshape(T, cfg.n_head_kv, d)
-        dev.gemm(L.wk, h, out=k.reshape(T, kv_w), stream=st)
-        dev.gemm(L.wv, h, out=v.reshape(T, kv_w), stream=st)
-        dev.rope(q.reshape(T, cfg.n_head, d), pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
+        if direct:
+            k, v = L.k.rows(pos0, pos0 + T), L.v.rows(pos0, pos0 + T)
+            k2, v2 = k.reshape(T, kv_w), v.reshape(T, kv_w)
+        else:
+            k2, v2 = self._buf("k", T, kv_w), self._buf("v", T, kv_w)
+            k, v = (self._buf(n, T, kv_w, shape=(T, cfg.n_head_kv, d)) for n in ("k", "v"))
+        dev.gemm(L.wk, h, out=k2, stream=st)
+        dev.gemm(L.wv, h, out=v2, stream=st)
+        dev.rope(q3, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         att = self._buf("att", T, cfg.n_head * d)
         if L.k is not None:
             if not direct:
                 dev.to_f16(k, L.k.rows(pos0, pos0 + T), stream=st)
                 dev.to_f16(v, L.v.rows(pos0, pos0 + T), stream=st)
-            dev.attention(q.reshape(T, cfg.n_head, d), L.k, L.v, pos0, out=att, stream=st)
+            dev.attention(q3, L.k, L.v, pos0, out=att, stream=st)
         else:  # the cache is on the host: attention there
             s = self.model.state
             q_h = np.empty((T, cfg.n_head, d), np.float32)
@@ -179,25 +193,24 @@ class DeviceLayers:
         if L.fc1 is not None:
             logits = dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st)
         if logits is not None and not per_token:  # the split on the device too
-            hot_ids, cold_ids = self._buf("hot_ids", 1, cfg.n_ff, np.int32), self._buf("cold_ids", 1, cfg.n_ff, np.int32)
-            counts = self._buf("counts", 1, 2, np.int32)
-            dev.select(logits, f.threshold, L.part, L.n_local, hot_ids.reshape(cfg.n_ff), cold_ids.reshape(cfg.n_ff),
-                       counts.reshape(2), stream=st)
+            hot_ids, cold_ids = (self._buf(n, 1, cfg.n_ff, np.int32, shape=(cfg.n_ff,)) for n in ("hot_ids", "cold_ids"))
+            counts = self._buf("counts", 1, 2, np.int32, shape=(2,))
+            dev.select(logits, f.threshold, L.part, L.n_local, hot_ids, cold_ids, counts, stream=st)
             n = np.empty(2, np.int32)
             cold = np.empty(min(L.cold_cap, cfg.n_ff), np.int32)
             counts.copy_to_host(n, st)
-            cold_ids.reshape(cfg.n_ff).rows(0, cold.size).copy_to_host(cold, st)
+            cold_ids.rows(0, cold.size).copy_to_host(cold, st)
             ffn_in.copy_to_host(ffn_in_h, st)
             dev.sync(st)  # the layer's synchronisation
             n_hot, n_cold = int(n[0]), int(n[1])
             if n_cold > cold.size:  # more cold neurons than ever before: fetch the rest, remember the size
                 rest = np.empty(n_cold - cold.size, np.int32)
-                cold_ids.reshape(cfg.n_ff).rows(cold.size, n_cold).copy_to_host(rest, st)
+                cold_ids.rows(cold.size, n_cold).copy_to_host(rest, st)
                 dev.sync(st)
                 cold = np.concatenate([cold, rest])
                 L.cold_cap = min(cfg.n_ff, 1 << int(2 * n_cold - 1).bit_length())
             cold = cold[:n_cold]
-            hot_dev = hot_ids.reshape(cfg.n_ff).rows(0, n_hot)
+            hot_dev = hot_ids.rows(0, n_hot)
         else:  # the active set from the host (per-token batches: thresholded there, from device logits)
             if logits is not None:
                 logits_h = logits.copy_to_host(np.empty((T, cfg.n_ff), np.float32), st)

@@ -21,6 +21,7 @@ the CPU emulator build that runs these kernels in tests without a GPU).
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -73,30 +74,35 @@ def _stream(ffi: FFI, stream):
 
 
 class DeviceArray:
-    """A C-contiguous float32 / int32 (or raw uint8) array in device memory, owned (freed on del)."""
+    """A C-contiguous float32 / int32 (or raw uint8) array in device memory, owned (freed on del).
+
+    Views (rows(), reshape()) share the storage. A decode step makes hundreds of calls through these
+    objects, so sizes are computed once and each typed pointer is cast once per array: on a GPU the
+    Python between kernel launches, not the kernels, was what a small model's step waited for."""
 
     def __init__(self, dev: "Device", shape: tuple, dtype):
         self.dev, self.shape, self.dtype = dev, tuple(int(s) for s in shape), np.dtype(dtype)
         if any(s < 0 for s in self.shape):
             raise ValueError(f"shape: negative dimension in {self.shape}")
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.size = math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
         p = dev.ffi.new("void **")
         _check("pi_dev_malloc", dev.lib.pi_dev_malloc(p, self.nbytes))
-        self._ptr = p[0]
-        self._finalizer = weakref.finalize(self, dev.lib.pi_dev_free, self._ptr)
+        self._ptr = dev.ffi.cast("char *", p[0])
+        self._casts: dict[str, object] = {}
+        self._finalizer = weakref.finalize(self, dev.lib.pi_dev_free, p[0])
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
     def ptr(self, ctype: str = "void *"):
         if not self._finalizer.alive:
             raise ValueError("DeviceArray: used after free()")
-        return self.dev.ffi.cast(ctype, self._ptr)
+        c = self._casts.get(ctype)
+        if c is None:
+            c = self._casts[ctype] = self.dev.ffi.cast(ctype, self._ptr)
+        return c
 
     def copy_from(self, a: np.ndarray, stream=None) -> "DeviceArray":
         a = np.ascontiguousarray(a)
@@ -141,25 +147,30 @@ class DeviceArray:
                                                                _stream(self.dev.ffi, stream)))
         return self
 
-    def _view(self, shape: tuple, byte_offset: int) -> "DeviceArray":
+    def _view(self, shape: tuple[int, ...], byte_offset: int) -> "DeviceArray":
+        """A view of the same storage (shape: ints, already checked by the caller)."""
+        if not self._finalizer.alive:
+            raise ValueError("DeviceArray: used after free()")
         v = object.__new__(DeviceArray)
-        v.dev, v.dtype, v.shape = self.dev, self.dtype, tuple(int(s) for s in shape)
-        v.nbytes = int(np.prod(v.shape, dtype=np.int64)) * self.dtype.itemsize
-        v._ptr = self.dev.ffi.cast("char *", self.ptr()) + byte_offset
+        v.dev, v.dtype, v.shape = self.dev, self.dtype, shape
+        v.size = math.prod(shape)
+        v.nbytes = v.size * self.dtype.itemsize
+        v._ptr = self._ptr + byte_offset if byte_offset else self._ptr
+        v._casts = {}
         v._finalizer, v._base = self._finalizer, self  # alive exactly as long as the storage
         return v
 
     def rows(self, start: int, stop: int) -> "DeviceArray":
         """A view (no copy) of rows start .. stop - 1 of the first dimension."""
-        if self.ndim == 0 or not 0 <= start <= stop <= self.shape[0]:
+        if not self.shape or not 0 <= start <= stop <= self.shape[0]:
             raise ValueError(f"rows: [{start}, {stop}) outside the first dimension of {self.shape}")
         row = self.nbytes // self.shape[0] if self.shape[0] else 0
-        return self._view((stop - start,) + self.shape[1:], start * row)
+        return self._view((int(stop - start),) + self.shape[1:], int(start) * row)
 
     def reshape(self, *shape) -> "DeviceArray":
         """A view (no copy) with another shape of the same size."""
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        shape = tuple(int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape))
+        if math.prod(shape) != self.size or any(s < 0 for s in shape):
             raise ValueError(f"reshape: {shape} does not hold the {self.size} elements of {self.shape}")
         return self._view(shape, 0)
 
