@@ -19,10 +19,13 @@ import subprocess
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants
 
 from pi_backend import native
 from pi_backend.native import build_gpu, device
-from tests.native_helpers import ALL_TYPES, assert_close, attention_np, make_matrix
+from tests.native_helpers import (ALL_TYPES, act_ref, assert_close, attention_np, make_matrix, q8_activations,
+                                  quant_probe_activations)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLOAT_TYPES = (native.TYPE_F32, native.TYPE_F16, native.TYPE_BF16)
@@ -74,9 +77,10 @@ def act_np(act: str, g: np.ndarray) -> np.ndarray:
     return np.maximum(g, 0.0)
 
 
-def ffn_hidden(gate, up, x, idx, act, thr):
-    """h [n_tok, n_idx] as pi_sparse_ffn defines it (float64)"""
-    x = x.astype(np.float64)
+def ffn_hidden(gate, up, x, idx, act, thr, wtype=native.TYPE_F16):
+    """h [n_tok, n_idx] as pi_sparse_ffn defines it (float64); gate and up rows of a quantized type see
+    x quantized to Q8_0 blocks, as on the CPU"""
+    x = act_ref(x, wtype)
     first = up if act in UNGATED else gate
     a = act_np(act, x @ first[idx].T.astype(np.float64))
     a[np.abs(a) <= thr] = 0.0
@@ -109,7 +113,7 @@ def test_gemm(dev, wtype, layout, n_tok):
     m, ref = make_matrix(rng, 37, cols, wtype)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     y = dev.gemm(upload(dev, m, layout), dev.to_device(x)).to_host()
-    assert_close(y, x.astype(np.float64) @ ref.T)
+    assert_close(y, act_ref(x, wtype) @ ref.T)
 
 
 def test_gemm_one_token_vector(dev):
@@ -121,6 +125,25 @@ def test_gemm_one_token_vector(dev):
     assert_close(y, ref.astype(np.float64) @ x)
 
 
+@pytest.mark.parametrize("wtype", [native.TYPE_Q8_0, native.TYPE_Q4_0], ids=TNAME.get)
+@pytest.mark.parametrize("layout", ["dense", "offset"])
+def test_activation_quantization_is_the_cpus(dev, wtype, layout):
+    """Q8_0 / Q4_0 rows take x quantized to Q8_0 blocks on the device too, by the CPU's rule (ties, fp16
+    subnormal scales, a zero block): with one-hot weight rows y[j] = w_jj * (the quantized x_j), and
+    the device gives the CPU kernel's bits, for one token and for a tile of them."""
+    rng = np.random.default_rng(8)
+    x = quant_probe_activations(rng, 24)
+    n = x.size
+    gt = GT.Q8_0 if wtype == native.TYPE_Q8_0 else GT.Q4_0
+    raw = np.ascontiguousarray(quants.quantize(np.eye(n, dtype=np.float32), gt))
+    W = native.Matrix(raw, wtype, n, n)
+    diag = np.diag(quants.dequantize(raw, gt).reshape(n, n)).astype(np.float64)
+    np.testing.assert_allclose(native.gemm(W, x), q8_activations(x) * diag, rtol=1e-6, atol=1e-30)
+    X = np.stack([x, -x, x[::-1].copy()])
+    np.testing.assert_array_equal(dev.gemm(upload(dev, W, layout), dev.to_device(X)).to_host(), native.gemm(W, X))
+    np.testing.assert_array_equal(dev.gemm(upload(dev, W, layout), dev.to_device(x)).to_host(), native.gemm(W, x))
+
+
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TNAME.get)
 @pytest.mark.parametrize("n_tok", [1, 5])
 def test_sparse_rows(dev, wtype, n_tok):
@@ -129,7 +152,7 @@ def test_sparse_rows(dev, wtype, n_tok):
     idx = np.array([69, 3, 3, 0, 41, 17, 68, 2, 3], np.int32)  # unsorted, repeats
     x = rng.standard_normal((n_tok, 128)).astype(np.float32)
     y = dev.sparse_rows(dev.matrix(m), dev.to_device(idx), dev.to_device(x)).to_host()
-    assert_close(y, x.astype(np.float64) @ ref[idx].T)
+    assert_close(y, act_ref(x, wtype) @ ref[idx].T)
 
 
 def test_sparse_rows_empty(dev):
@@ -190,7 +213,7 @@ def test_sparse_ffn(dev, wtype, act):
     x = rng.standard_normal((2, n_embd)).astype(np.float32)
     y = dev.sparse_ffn(None if act in UNGATED else dev.matrix(g), dev.matrix(u), dev.matrix(d),
                        dev.to_device(x), dev.to_device(idx), act=act).to_host()
-    assert_close(y, ffn_hidden(gr, ur, x, idx, act, 0.0) @ dr[idx].astype(np.float64))
+    assert_close(y, ffn_hidden(gr, ur, x, idx, act, 0.0, wtype) @ dr[idx].astype(np.float64))
 
 
 @pytest.mark.parametrize("act", ["reglu", "swiglu", "relu", "gelu"])
@@ -227,12 +250,11 @@ def test_sparse_ffn_token_mask(dev, wtype, act):
     G = None if act in UNGATED else dev.matrix(g)
     y = dev.sparse_ffn(G, dev.matrix(u), dev.matrix(d), dev.to_device(x), dev.to_device(idx), act=act,
                        token_mask=dev.to_device(mask)).to_host()
-    h = ffn_hidden(gr, ur, x, idx, act, 0.0) * mask
+    h = ffn_hidden(gr, ur, x, idx, act, 0.0, wtype) * mask
     assert_close(y, h @ dr[idx].astype(np.float64))
     assert (y[0] == 0).all()
-    if wtype in FLOAT_TYPES:  # (the CPU multiplies quantized rows with Q8-quantized activations)
-        cpu = native.sparse_ffn(None if act in UNGATED else g, u, d, x, idx, act=act, token_mask=mask.astype(bool))
-        assert_close(y, cpu)
+    cpu = native.sparse_ffn(None if act in UNGATED else g, u, d, x, idx, act=act, token_mask=mask.astype(bool))
+    assert_close(y, cpu)
     with pytest.raises(ValueError, match="token_mask"):
         dev.sparse_ffn(G, dev.matrix(u), dev.matrix(d), dev.to_device(x), dev.to_device(idx), act=act,
                        token_mask=dev.to_device(mask[:, :-1]))
@@ -264,8 +286,8 @@ def test_predict_logits(dev, wtype, n_tok):
     fc2, r2 = make_matrix(rng, n_ff, rank, wtype)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     logits = dev.predict_logits(dev.matrix(fc1), dev.matrix(fc2), dev.to_device(x)).to_host()
-    z = np.maximum(x.astype(np.float64) @ r1.T, 0.0)
-    assert_close(logits, z @ r2.T)
+    z = np.maximum(act_ref(x, wtype) @ r1.T, 0.0)
+    assert_close(logits, act_ref(z, wtype) @ r2.T)
 
 
 # ------------------------------------------------------------------ errors

@@ -132,4 +132,18 @@ static __device__ __forceinline__ float pi_gpu_bf2f(unsigned short h) {
     return __uint_as_float((unsigned int)h << 16);
 }
 
+/* c + the dot product of the 4 signed bytes of a and b: one dp4a on NVIDIA; elsewhere (HIP, the
+ * emulator) plain integer operations, which the compiler may map to the target's dot instruction */
+#if defined(__CUDA_ARCH__)
+static __device__ __forceinline__ int pi_dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+#else
+static __device__ __forceinline__ int pi_dp4a(int a, int b, int c) {
+    const unsigned int ua = (unsigned int)a, ub = (unsigned int)b;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        c += ((int)(((ua >> (8 * i)) & 0xffu) ^ 0x80u) - 128) * ((int)(((ub >> (8 * i)) & 0xffu) ^ 0x80u) - 128);
+    return c;
+}
+#endif
+
 #endif /* PI_GPU_COMPAT_H */

@@ -84,6 +84,11 @@ __device__ __forceinline__ float act_gate(int act, float g) {
 __device__ __forceinline__ float s8(unsigned int b) { return (float)((int)((b & 0xffu) ^ 0x80u) - 128); }
 __device__ __forceinline__ float q4(unsigned int n) { return (float)((int)(n & 15u) - 8); }
 
+/* The same values without an int -> float conversion (a quarter-rate instruction): the bits go into the
+ * mantissa of 2^23 (exact), and one subtraction removes 2^23 and the offset. */
+__device__ __forceinline__ float s8_fast(unsigned int b) { return __uint_as_float(((b & 0xffu) ^ 0x80u) | 0x4b000000u) - 8388736.0f; }
+__device__ __forceinline__ float q4_fast(unsigned int n) { return __uint_as_float((n & 15u) | 0x4b000000u) - 8388616.0f; }
+
 /* a 2-byte aligned 16-bit load (quantized blocks) */
 __device__ __forceinline__ unsigned int ld16(const uint8_t *p) {
     return PI_LDG(reinterpret_cast<const unsigned short *>(p));
@@ -118,8 +123,8 @@ __device__ __forceinline__ void load_fast(const uint8_t *__restrict__ row, int64
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const unsigned int u = ld16(q + 2 * i);
-            w[2 * i] = d * s8(u);
-            w[2 * i + 1] = d * s8(u >> 8);
+            w[2 * i] = d * s8_fast(u);
+            w[2 * i + 1] = d * s8_fast(u >> 8);
         }
     } else {
         /* quarter q of block b: qs[4q .. 4q + 3], low nibbles = elements 32b + 4q + i, high nibbles =
@@ -130,8 +135,8 @@ __device__ __forceinline__ void load_fast(const uint8_t *__restrict__ row, int64
         const unsigned int u = ld16(q) | (ld16(q + 2) << 16);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            w[i] = d * q4(u >> (8 * i));
-            w[4 + i] = d * q4(u >> (8 * i + 4));
+            w[i] = d * q4_fast(u >> (8 * i));
+            w[4 + i] = d * q4_fast(u >> (8 * i + 4));
         }
     }
 }
@@ -177,7 +182,73 @@ struct RowsArgs {
     int mode, act;
     float thr;
     int fast;
+    /* Q8_0 / Q4_0 rows: x quantized to Q8_0 blocks (k_quantize_x): qs [n_tok, cols], d [n_tok, cols / 32] */
+    const int8_t *xq;
+    const float *xd;
 };
+
+/* Q8_0 / Q4_0 block b of a row: its scale, and its quants as 32-bit words (4 for Q4_0: 16 bytes of
+ * nibbles; 8 for Q8_0: 32 int8), read with 16-bit loads (blocks are 2-byte aligned) or, for a row
+ * at an odd address, bytes. */
+template <int T, bool FAST>
+__device__ __forceinline__ float qblock(const uint8_t *__restrict__ row, int64_t b, unsigned int *w) {
+    constexpr int BB = T == T_Q4_0 ? PI_BLOCK_BYTES_Q4_0 : PI_BLOCK_BYTES_Q8_0;
+    constexpr int NW = T == T_Q4_0 ? 4 : 8;
+    const uint8_t *p = row + b * BB;
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+        w[j] = FAST ? ld16(p + 2 + 4 * j) | (ld16(p + 4 + 4 * j) << 16) : ldb16(p + 2 + 4 * j) | (ldb16(p + 4 + 4 * j) << 16);
+    return pi_gpu_h2f((unsigned short)(FAST ? ld16(p) : ldb16(p)));
+}
+
+/* The exact integer dot of a block's quants with 32 int8 activations (x0: values 0-15, x1: 16-31), as the
+ * CPU kernels compute it. Q4_0: low nibbles are elements 0-15, high nibbles 16-31; each nibble n becomes
+ * the signed byte n - 8 by (n + 0x78) ^ 0x80 in every byte at once (no carries: n + 0x78 <= 0x87). */
+template <int T>
+__device__ __forceinline__ int qdot(const unsigned int *w, const uint4 x0, const uint4 x1) {
+    const int xw[8] = {(int)x0.x, (int)x0.y, (int)x0.z, (int)x0.w, (int)x1.x, (int)x1.y, (int)x1.z, (int)x1.w};
+    int s = 0;
+    if constexpr (T == T_Q4_0) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const unsigned int lo = ((w[j] & 0x0f0f0f0fu) + 0x78787878u) ^ 0x80808080u;
+            const unsigned int hi = (((w[j] >> 4) & 0x0f0f0f0fu) + 0x78787878u) ^ 0x80808080u;
+            s = pi_dp4a((int)lo, xw[j], s);
+            s = pi_dp4a((int)hi, xw[4 + j], s);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) s = pi_dp4a((int)w[j], xw[j], s);
+    }
+    return s;
+}
+
+/* x [n, 32] float -> Q8_0 blocks exactly as the CPU kernels quantize activations (cpu/kernels_scalar.c
+ * quantize_x, llama.cpp's x86 rule): amax = max |x|, q = round-half-even(x * (127 / amax)), d = amax / 127
+ * rounded to fp16; a block holding inf / NaN gets d = NaN. Thread per block: 32 values are few. */
+__global__ void __launch_bounds__(PI_BLOCK) k_quantize_x(const float *__restrict__ x, int64_t n_blocks,
+                                                         int8_t *__restrict__ qs, float *__restrict__ d) {
+    for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < n_blocks; b += (int64_t)gridDim.x * blockDim.x) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f, nonfinite = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+            nonfinite += xb[j] - xb[j]; /* 0, or NaN if any value is inf / NaN */
+        }
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        unsigned int w[8] = {};
+        for (int j = 0; j < 32; j++) {
+            const float v = xb[j] * id;
+            const int q = fabsf(v) < 128.0f ? (int)rintf(v) : 0; /* rintf: half to even */
+            w[j / 4] |= ((unsigned int)q & 0xffu) << (8 * (j % 4));
+        }
+        uint4 *out = reinterpret_cast<uint4 *>(qs + 32 * b);
+        out[0] = uint4{w[0], w[1], w[2], w[3]};
+        out[1] = uint4{w[4], w[5], w[6], w[7]};
+        d[b] = pi_fp16_to_fp32(pi_fp32_to_fp16(amax / 127.0f)) + nonfinite;
+    }
+}
 
 /* Warp per output k; the block's blockIdx.y picks a tile of NT tokens. */
 template <int T, int NT>
@@ -221,7 +292,24 @@ __global__ void __launch_bounds__(PI_BLOCK, 2) k_rows(const RowsArgs a) {
         float acc[NT];
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[t] = 0.0f;
-        if (a.fast) {
+        if constexpr (T == T_Q8_0 || T == T_Q4_0) {
+            /* lane L takes blocks L, L + WARP, ...: an integer dot per block against the quantized x,
+             * then one multiply-add with both scales (the CPU kernels' arithmetic) */
+            const int64_t nb = a.cols / 32;
+#pragma unroll 2
+            for (int64_t b = lane; b < nb; b += PI_WARP_SIZE) {
+                unsigned int w[T == T_Q4_0 ? 4 : 8];
+                const float dw = a.fast ? qblock<T, true>(row, b, w) : qblock<T, false>(row, b, w);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t < nt) {
+                        const uint4 *xb = reinterpret_cast<const uint4 *>(a.xq + (t0 + t) * a.cols + 32 * b);
+                        const int is = qdot<T>(w, PI_LDG(xb), PI_LDG(xb + 1));
+                        acc[t] = fmaf(dw * PI_LDG(a.xd + (t0 + t) * nb + b), (float)is, acc[t]);
+                    }
+                }
+            }
+        } else if (a.fast) {
             /* lane L takes chunks L, L + WARP, ...: each warp-load is one contiguous span of the row.
              * Unrolled so that 4 loads per lane are in flight at one token: at 10% density a layer's
              * 1100 rows are about 1 block per SM, and bandwidth needs ~16 KiB in flight per SM (2 for
@@ -520,6 +608,14 @@ bool fast_weights(const pi_matrix *m) {
 
 size_t round256(size_t n) { return (n + 255) & ~(size_t)255; }
 
+/* blocks for a grid-stride loop over n elements (thread per element) */
+int grid_for(int64_t n, const DevInfo *di) {
+    int64_t blocks = (n + PI_BLOCK - 1) / PI_BLOCK;
+    const int64_t cap = 32 * (int64_t)di->sms;
+    if (blocks > cap) blocks = cap;
+    return blocks < 1 ? 1 : (int)blocks;
+}
+
 /* ------------------------------------------------------------------ host: launchers */
 
 template <int T>
@@ -539,10 +635,41 @@ void launch_axpy_t(int nt, dim3 grid, const AxpyArgs &a, gpuStream_t st) {
     }
 }
 
-/* y [n_tok, n_out] from the rows of W listed in idx (all rows when NULL), with the epilogue `mode` */
+bool quantized(const pi_matrix *W) { return W->type == PI_TYPE_Q8_0 || W->type == PI_TYPE_Q4_0; }
+
+/* x [n_tok, cols] quantized to Q8_0 blocks for Q8_0 / Q4_0 rows (k_quantize_x), in scratch */
+struct QuantX {
+    void *mem = nullptr;
+    const int8_t *qs = nullptr;
+    const float *d = nullptr;
+};
+
+int quantize_x(const DevInfo *di, const float *x, int64_t n_tok, int64_t cols, gpuStream_t st, QuantX *q) {
+    const int64_t n = n_tok * cols, n_blocks = n / 32; /* cols % 32 == 0: check_matrix of the rows' matrix */
+    const size_t qs_bytes = round256((size_t)n);
+    int rc = scratch_alloc(di, qs_bytes + (size_t)n_blocks * sizeof(float), st, &q->mem);
+    if (rc) return rc;
+    int8_t *qs = static_cast<int8_t *>(q->mem);
+    float *d = reinterpret_cast<float *>(static_cast<uint8_t *>(q->mem) + qs_bytes);
+    q->qs = qs;
+    q->d = d;
+    pi_launch(k_quantize_x, dim3((unsigned)grid_for(n_blocks, di)), dim3(PI_BLOCK), st, x, n_blocks, qs, d);
+    return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
+}
+
+/* y [n_tok, n_out] from the rows of W listed in idx (all rows when NULL), with the epilogue `mode`.
+ * Q8_0 / Q4_0 rows take x quantized (qx: done by the caller for several calls on the same x, or here) */
 int run_rows(const DevInfo *di, const pi_matrix *W, const int32_t *idx, int64_t n_out, const float *x,
-             int64_t n_tok, float *y, int mode, int act, float thr, uint32_t *dup, gpuStream_t st) {
+             int64_t n_tok, float *y, int mode, int act, float thr, uint32_t *dup, gpuStream_t st,
+             const QuantX *qx = nullptr) {
     if (n_out == 0) return PI_OK;
+    if (quantized(W) && !qx) {
+        QuantX own;
+        int rc = quantize_x(di, x, n_tok, W->cols, st, &own);
+        if (!rc) rc = run_rows(di, W, idx, n_out, x, n_tok, y, mode, act, thr, dup, st, &own);
+        scratch_free(di, own.mem, st);
+        return rc;
+    }
     RowsArgs a;
     a.W = static_cast<const uint8_t *>(W->data);
     a.rows = W->rows;
@@ -558,7 +685,9 @@ int run_rows(const DevInfo *di, const pi_matrix *W, const int32_t *idx, int64_t 
     a.mode = mode;
     a.act = act;
     a.thr = thr;
-    a.fast = fast_weights(W) && aligned(x, 16);
+    a.fast = fast_weights(W) && (quantized(W) || aligned(x, 16));
+    a.xq = qx ? qx->qs : nullptr;
+    a.xd = qx ? qx->d : nullptr;
     /* tokens per tile: weights are read once per tile; 8 accumulators per lane cost no occupancy.
      * Tiles of 1, 4 or 8 (a tile may be partly empty): fewer instantiations, a faster build. */
     const int nt = n_tok >= 5 ? 8 : n_tok >= 2 ? 4 : 1;
@@ -856,13 +985,6 @@ __global__ void __launch_bounds__(PI_BLOCK) k_select(const float *__restrict__ l
     }
 }
 
-int grid_for(int64_t n, const DevInfo *di) {
-    int64_t blocks = (n + PI_BLOCK - 1) / PI_BLOCK;
-    const int64_t cap = 32 * (int64_t)di->sms;
-    if (blocks > cap) blocks = cap;
-    return blocks < 1 ? 1 : (int)blocks;
-}
-
 int check_tokens(const float *x, int64_t n_tok, const float *y) {
     if (!x || !y) return PI_ERR_NULL;
     if (n_tok <= 0 || n_tok > PI_MAX_DIM) return PI_ERR_SHAPE;
@@ -1086,15 +1208,21 @@ PI_EXPORT int pi_dev_sparse_ffn(const pi_matrix *gate, const pi_matrix *up, cons
     float *hbuf = static_cast<float *>(mem);
     uint32_t *bitmap = reinterpret_cast<uint32_t *>(static_cast<uint8_t *>(mem) + h_bytes);
     float *part = reinterpret_cast<float *>(static_cast<uint8_t *>(mem) + h_bytes + bm_bytes);
+    /* gate and up read the same x: quantized once when both want it */
+    QuantX qx;
+    const bool share_qx = gated && quantized(gate) && quantized(up);
     if (gpuMemsetAsync(bitmap, 0, bm_bytes, st) != gpuSuccess) {
         rc = device_error();
-    } else if (!(rc = run_rows(di, gated ? gate : up, idx, n_idx, x, n_tok, hbuf, MODE_ACT, act, skip_threshold,
-                               bitmap, st)) &&
+    } else if (!(rc = share_qx ? quantize_x(di, x, n_tok, n_embd, st, &qx) : PI_OK) &&
+               !(rc = run_rows(di, gated ? gate : up, idx, n_idx, x, n_tok, hbuf, MODE_ACT, act, skip_threshold,
+                               bitmap, st, share_qx ? &qx : nullptr)) &&
                !(rc = tok_mask ? launch_mask(di, hbuf, tok_mask, hsize, st) : PI_OK) &&
-               !(rc = gated ? run_rows(di, up, idx, n_idx, x, n_tok, hbuf, MODE_GATED, act, 0.0f, nullptr, st)
+               !(rc = gated ? run_rows(di, up, idx, n_idx, x, n_tok, hbuf, MODE_GATED, act, 0.0f, nullptr, st,
+                                       share_qx ? &qx : nullptr)
                             : PI_OK)) {
         rc = run_axpy(di, p, down_t, idx, n_idx, hbuf, n_idx, n_tok, y, accumulate ? 1 : 0, part, st);
     }
+    scratch_free(di, qx.mem, st);
     scratch_free(di, mem, st);
     return rc;
 }
