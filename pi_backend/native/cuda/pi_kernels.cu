@@ -225,28 +225,26 @@ __device__ __forceinline__ int qdot(const unsigned int *w, const uint4 x0, const
 
 /* x [n, 32] float -> Q8_0 blocks exactly as the CPU kernels quantize activations (cpu/kernels_scalar.c
  * quantize_x, llama.cpp's x86 rule): amax = max |x|, q = round-half-even(x * (127 / amax)), d = amax / 127
- * rounded to fp16; a block holding inf / NaN gets d = NaN. Thread per block: 32 values are few. */
-__global__ void __launch_bounds__(PI_BLOCK) k_quantize_x(const float *__restrict__ x, int64_t n_blocks,
+ * rounded to fp16; a block holding inf / NaN gets d = NaN. Thread per value, 32 lanes per block (xor
+ * shuffles below 32 stay inside a block on 64-lane warps too); every lane runs the same number of
+ * iterations, so the shuffles always see the whole warp. */
+__global__ void __launch_bounds__(PI_BLOCK) k_quantize_x(const float *__restrict__ x, int64_t n,
                                                          int8_t *__restrict__ qs, float *__restrict__ d) {
-    for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < n_blocks; b += (int64_t)gridDim.x * blockDim.x) {
-        const float *xb = x + 32 * b;
-        float amax = 0.0f, nonfinite = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            const float a = fabsf(xb[j]);
-            amax = a > amax ? a : amax;
-            nonfinite += xb[j] - xb[j]; /* 0, or NaN if any value is inf / NaN */
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e - threadIdx.x < n; e += stride) {
+        const float v = e < n ? x[e] : 0.0f;
+        float amax = fabsf(v), nonfinite = v - v; /* 0, or NaN for inf / NaN */
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            amax = fmaxf(amax, PI_SHFL_XOR(amax, o)); /* fmaxf: a NaN lane does not hide the others */
+            nonfinite += PI_SHFL_XOR(nonfinite, o);
         }
-        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        unsigned int w[8] = {};
-        for (int j = 0; j < 32; j++) {
-            const float v = xb[j] * id;
-            const int q = fabsf(v) < 128.0f ? (int)rintf(v) : 0; /* rintf: half to even */
-            w[j / 4] |= ((unsigned int)q & 0xffu) << (8 * (j % 4));
+        if (e < n) {
+            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const float y = v * id;
+            qs[e] = (int8_t)(fabsf(y) < 128.0f ? (int)rintf(y) : 0); /* rintf: half to even */
+            if ((e & 31) == 0) d[e >> 5] = pi_fp16_to_fp32(pi_fp32_to_fp16(amax / 127.0f)) + nonfinite;
         }
-        uint4 *out = reinterpret_cast<uint4 *>(qs + 32 * b);
-        out[0] = uint4{w[0], w[1], w[2], w[3]};
-        out[1] = uint4{w[4], w[5], w[6], w[7]};
-        d[b] = pi_fp16_to_fp32(pi_fp32_to_fp16(amax / 127.0f)) + nonfinite;
     }
 }
 
@@ -616,6 +614,7 @@ int grid_for(int64_t n, const DevInfo *di) {
     return blocks < 1 ? 1 : (int)blocks;
 }
 
+/* blocks for a grid-stride loop over n elements (thread per element) */
 /* ------------------------------------------------------------------ host: launchers */
 
 template <int T>
@@ -653,7 +652,7 @@ int quantize_x(const DevInfo *di, const float *x, int64_t n_tok, int64_t cols, g
     float *d = reinterpret_cast<float *>(static_cast<uint8_t *>(q->mem) + qs_bytes);
     q->qs = qs;
     q->d = d;
-    pi_launch(k_quantize_x, dim3((unsigned)grid_for(n_blocks, di)), dim3(PI_BLOCK), st, x, n_blocks, qs, d);
+    pi_launch(k_quantize_x, dim3((unsigned)grid_for(n, di)), dim3(PI_BLOCK), st, x, n, qs, d);
     return gpuGetLastError() == gpuSuccess ? PI_OK : PI_ERR_DEVICE;
 }
 
