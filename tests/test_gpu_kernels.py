@@ -375,7 +375,7 @@ def test_add_and_views(dev):
 
 
 @pytest.mark.parametrize("n_tok", [1, 3])
-@pytest.mark.parametrize("n_ff", [7, 256, 1000])
+@pytest.mark.parametrize("n_ff", [7, 256, 1000, 11008, 40001])
 def test_select_splits_the_active_set(dev, n_tok, n_ff):
     rng = np.random.default_rng(n_ff + n_tok)
     logits = rng.standard_normal((n_tok, n_ff)).astype(np.float32)

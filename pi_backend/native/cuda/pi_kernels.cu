@@ -935,52 +935,62 @@ __global__ void __launch_bounds__(PI_BLOCK) k_add(float *__restrict__ y, const f
         y[e] += x[e];
 }
 
-/* The predictor's threshold and the hot/cold split in one pass, on one block: neuron i is active if
- * logits[t, i] >= thr for some token; an active neuron with part[i] >= 0 goes to hot_out as its local
- * id part[i], one with part[i] == -1 (or every neuron, part NULL) to cold_out as i. Both lists come out
- * in ascending neuron order (a block-wide exclusive scan per chunk of PI_BLOCK neurons); counts[0] =
- * hot, counts[1] = cold. A part[] entry outside [-1, n_local) flags ERR_INDEX and counts as cold. */
+/* The predictor's threshold and the hot/cold split, on one block: neuron i is active if logits[t, i] >= thr
+ * for some token; an active neuron with part[i] >= 0 goes to hot_out as its local id part[i], one with
+ * part[i] == -1 (or every neuron, part NULL) to cold_out as i. Both lists come out in ascending neuron
+ * order; counts[0] = hot, counts[1] = cold. A part[] entry outside [-1, n_local) flags ERR_INDEX and
+ * counts as cold. Thread k owns the contiguous range k * per .. of the neurons: it counts its hot and cold
+ * neurons, one block-wide exclusive scan gives each range its offsets, and each thread writes its own.
+ * (A scan per chunk of PI_BLOCK neurons took 43 dependent rounds of loads and barriers for 11008.) */
+__device__ __forceinline__ int select_class(const float *__restrict__ logits, int64_t n_tok, int64_t n_ff, float thr,
+                                            const int32_t *__restrict__ part, int64_t n_local, int64_t i,
+                                            int32_t *m, bool flag) {
+    bool on = false;
+    for (int64_t t = 0; t < n_tok && !on; t++) on = logits[t * n_ff + i] >= thr;
+    *m = -1;
+    if (part) {
+        *m = PI_LDG(part + i);
+        if (*m < -1 || *m >= n_local) {
+            if (flag) atomicOr(&g_pi_err, ERR_INDEX);
+            *m = -1;
+        }
+    }
+    return !on ? 0 : *m >= 0 ? 1 : 2; /* inactive, hot, cold */
+}
+
 __global__ void __launch_bounds__(PI_BLOCK) k_select(const float *__restrict__ logits, int64_t n_tok, int64_t n_ff,
                                                      float thr, const int32_t *__restrict__ part, int64_t n_local,
                                                      int32_t *__restrict__ hot_out, int32_t *__restrict__ cold_out,
                                                      int32_t *__restrict__ counts) {
-    __shared__ int scan[PI_BLOCK];
+    __shared__ int32_t scan_h[PI_BLOCK], scan_c[PI_BLOCK];
     const int tid = (int)threadIdx.x, bd = (int)blockDim.x;
-    int64_t n_hot = 0, n_cold = 0;
-    for (int64_t c0 = 0; c0 < n_ff; c0 += bd) {
-        const int64_t i = c0 + tid;
-        bool on = false;
-        int32_t m = -1;
-        if (i < n_ff) {
-            for (int64_t t = 0; t < n_tok && !on; t++) on = logits[t * n_ff + i] >= thr;
-            if (part) {
-                m = PI_LDG(part + i);
-                if (m < -1 || m >= n_local) {
-                    atomicOr(&g_pi_err, ERR_INDEX);
-                    m = -1;
-                }
-            }
-        }
-        const int hot = on && m >= 0, cold = on && m < 0;
-        /* inclusive Hillis-Steele scan of (hot | cold << 16): PI_BLOCK <= 1024 fits either half */
-        scan[tid] = hot | (cold << 16);
-        __syncthreads();
-        for (int o = 1; o < bd; o <<= 1) {
-            const int v = tid >= o ? scan[tid - o] : 0;
-            __syncthreads();
-            scan[tid] += v;
-            __syncthreads();
-        }
-        const int incl = scan[tid], total = scan[bd - 1];
-        if (hot) hot_out[n_hot + (incl & 0xffff) - 1] = m;
-        if (cold) cold_out[n_cold + (incl >> 16) - 1] = (int32_t)i;
-        n_hot += total & 0xffff;
-        n_cold += total >> 16;
-        __syncthreads(); /* scan[] is rewritten by the next chunk */
+    const int64_t per = (n_ff + bd - 1) / bd, i0 = tid * per, i1 = i0 + per < n_ff ? i0 + per : n_ff;
+    int32_t nh = 0, nc = 0, m;
+    for (int64_t i = i0; i < i1; i++) {
+        const int k = select_class(logits, n_tok, n_ff, thr, part, n_local, i, &m, true);
+        nh += k == 1;
+        nc += k == 2;
     }
-    if (tid == 0) {
-        counts[0] = (int32_t)n_hot;
-        counts[1] = (int32_t)n_cold;
+    /* inclusive Hillis-Steele scan of the per-thread counts (n_ff <= INT32_MAX: no overflow) */
+    scan_h[tid] = nh;
+    scan_c[tid] = nc;
+    __syncthreads();
+    for (int o = 1; o < bd; o <<= 1) {
+        const int32_t vh = tid >= o ? scan_h[tid - o] : 0, vc = tid >= o ? scan_c[tid - o] : 0;
+        __syncthreads();
+        scan_h[tid] += vh;
+        scan_c[tid] += vc;
+        __syncthreads();
+    }
+    int32_t oh = scan_h[tid] - nh, oc = scan_c[tid] - nc;
+    for (int64_t i = i0; i < i1; i++) {
+        const int k = select_class(logits, n_tok, n_ff, thr, part, n_local, i, &m, false);
+        if (k == 1) hot_out[oh++] = m;
+        else if (k == 2) cold_out[oc++] = (int32_t)i;
+    }
+    if (tid == bd - 1) {
+        counts[0] = scan_h[tid];
+        counts[1] = scan_c[tid];
     }
 }
 
