@@ -399,6 +399,35 @@ def test_select_splits_the_active_set(dev, n_tok, n_ff):
         dev.sync()
 
 
+def test_recorded_calls_replay_on_new_contents(dev):
+    """Device.recording(): the ops run as usual and their C calls are kept; replay() repeats them on the
+    same buffers, whatever they hold now, without the Python checks. The library's own checks still
+    hold: an index made bad after recording is flagged at the next sync."""
+    rng = np.random.default_rng(12)
+    m, ref = make_matrix(rng, 40, 64, native.TYPE_F16)
+    W = dev.matrix(m)
+    x, idx = dev.to_device(rng.standard_normal((1, 64)).astype(np.float32)), dev.to_device(np.array([3, 39, 0], np.int32))
+    y, acc = dev.empty((1, 40)), dev.zeros((1, 40))
+    with dev.recording() as calls:
+        dev.gemm(W, x, out=y)
+        dev.add(acc, y)
+        part = dev.sparse_rows(W, idx, x)
+    assert [c[0] for c in calls] == ["pi_dev_gemm", "pi_dev_add", "pi_dev_sparse_gemm_rows"]
+    first = acc.to_host()
+    x_new = rng.standard_normal((1, 64)).astype(np.float32)
+    x.copy_from(x_new)
+    dev.replay(calls)
+    assert_close(acc.to_host(), first + x_new.astype(np.float64) @ ref.T)
+    assert_close(part.to_host(), x_new.astype(np.float64) @ ref[[3, 39, 0]].T)
+    idx.copy_from(np.array([3, 40, 0], np.int32))
+    dev.replay(calls)
+    with pytest.raises(native.NativeError) as e:
+        dev.sync()
+    assert _code(e) == native.lib.PI_ERR_INDEX
+    dev.gemm(W, x, out=y)  # outside recording(): nothing is kept
+    assert len(calls) == 3
+
+
 def test_bad_indices_are_flagged_and_skipped(dev):
     rng = np.random.default_rng(4)
     m, ref = make_matrix(rng, 20, 64, native.TYPE_F16)

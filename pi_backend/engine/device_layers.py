@@ -105,6 +105,8 @@ class DeviceLayers:
         self.output = (dev.to_device(w.output_norm.astype(np.float32)), dev.matrix(w.output)) if output else None
         self._bufs: dict[str, DeviceArray] = {}
         self._views: dict[tuple, DeviceArray] = {}
+        self._host: dict[tuple, np.ndarray] = {}
+        self._plans: dict[tuple, list] = {}
 
     # ---- plumbing
     def _buf(self, name: str, rows: int, width: int, dtype=np.float32, shape: tuple | None = None) -> DeviceArray:
@@ -118,9 +120,30 @@ class DeviceLayers:
         if b is None or b.shape[0] < rows or b.shape[1] != width:
             b = self._bufs[name] = self.dev.empty((max(rows, 1), width), dtype)
             self._views = {k: w for k, w in self._views.items() if k[0] != name}
+            self._plans.clear()  # they hold pointers into the buffer this one replaces
         v = b.rows(0, rows)
         v = self._views[key] = v if shape is None else v.reshape(shape)
         return v
+
+    def _host_buf(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        """A host array kept for recorded copies (they write where they wrote the first time)."""
+        a = self._host.get((name, shape))
+        if a is None:
+            a = self._host[(name, shape)] = np.empty(shape, dtype)
+        return a
+
+    def _segment(self, key: tuple, ops) -> None:
+        """ops() -- device ops only, every argument fixed by `key` and by the scratch buffers -- run the
+        first time with the usual checks and recorded; then replayed as the bare C calls. A decode step
+        repeats the same ops on the same buffers at every token, and at that size the Python of the
+        checks, not the GPU, was what a step waited for."""
+        calls = self._plans.get(key)
+        if calls is not None:
+            self.dev.replay(calls)
+            return
+        with self.dev.recording() as calls:
+            ops()
+        self._plans[key] = calls
 
     def upload(self, x: np.ndarray) -> DeviceArray:
         T = x.shape[0]
@@ -134,8 +157,7 @@ class DeviceLayers:
         """x [T, n_embd] += attention block of layer li, for the tokens at positions pos0 .."""
         cfg, dev, L, st = self.cfg, self.dev, self.layers[li], self.stream
         T, d, kv_w = x.shape[0], cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-        h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
-        q = dev.gemm(L.wq, h, out=self._buf("q", T, cfg.n_head * d), stream=st)
+        q = self._buf("q", T, cfg.n_head * d)
         q3 = self._buf("q", T, cfg.n_head * d, shape=(T, cfg.n_head, d))
         # K and V straight into the device cache rows of these positions when it holds f32; else into
         # scratch, then rounded into an f16 cache (or copied back to the host's)
@@ -146,8 +168,17 @@ class DeviceLayers:
         else:
             k2, v2 = self._buf("k", T, kv_w), self._buf("v", T, kv_w)
             k, v = (self._buf(n, T, kv_w, shape=(T, cfg.n_head_kv, d)) for n in ("k", "v"))
-        dev.gemm(L.wk, h, out=k2, stream=st)
-        dev.gemm(L.wv, h, out=v2, stream=st)
+
+        def qkv():
+            h = dev.rmsnorm(x, L.attn_norm, cfg.norm_eps, out=self._buf("h", T, cfg.n_embd), stream=st)
+            dev.gemm(L.wq, h, out=q, stream=st)
+            dev.gemm(L.wk, h, out=k2, stream=st)
+            dev.gemm(L.wv, h, out=v2, stream=st)
+
+        if T == 1 and not direct:  # a decode step: the same calls on the same buffers every token
+            self._segment((li, "qkv", x._ptr), qkv)
+        else:
+            qkv()
         dev.rope(q3, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         att = self._buf("att", T, cfg.n_head * d)
@@ -167,16 +198,24 @@ class DeviceLayers:
             s.write(li, pos0, k_h, v_h)  # in the host cache's type
             a = self.model._attention(q_h, li, pos0)
             att.copy_from(a, st)
-        dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
+
+        def out():
+            dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
+
+        if T == 1:
+            self._segment((li, "wo", x._ptr), out)
+        else:
+            out()
 
     def ffn(self, li: int, x: DeviceArray) -> None:
         """x += the layer's FFN: hot partition on the device, cold on the CPU, one synchronisation."""
         cfg, dev, L, st, f = self.cfg, self.dev, self.layers[li], self.stream, self.model.ffn[li]
         T = x.shape[0]
         lw = f.weights
-        ffn_in = dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=self._buf("f", T, cfg.n_embd), stream=st)
-        ffn_in_h = np.empty((T, cfg.n_embd), np.float32)
+        ffn_in = self._buf("f", T, cfg.n_embd)
         if lw.down_t is None:  # plain GGUF: the FFN on the CPU
+            dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=ffn_in, stream=st)
+            ffn_in_h = np.empty((T, cfg.n_embd), np.float32)
             x_h = np.empty_like(ffn_in_h)
             x.copy_to_host(x_h, st)
             ffn_in.copy_to_host(ffn_in_h, st)
@@ -189,18 +228,29 @@ class DeviceLayers:
         # still read once), in both partitions, as on the CPU and as decoding each token alone
         per_token = f.takes_token_masks(T)
         hot_mask = cold_mask = None
-        logits = None  # the predictor on the device, where it was placed there
-        if L.fc1 is not None:
-            logits = dev.predict_logits(L.fc1, L.fc2, x, out=self._buf("logits", T, cfg.n_ff), stream=st)
+        # the predictor on the device, where it was placed there
+        logits = self._buf("logits", T, cfg.n_ff) if L.fc1 is not None else None
         if logits is not None and not per_token:  # the split on the device too
             hot_ids, cold_ids = (self._buf(n, 1, cfg.n_ff, np.int32, shape=(cfg.n_ff,)) for n in ("hot_ids", "cold_ids"))
             counts = self._buf("counts", 1, 2, np.int32, shape=(2,))
-            dev.select(logits, f.threshold, L.part, L.n_local, hot_ids, cold_ids, counts, stream=st)
-            n = np.empty(2, np.int32)
-            cold = np.empty(min(L.cold_cap, cfg.n_ff), np.int32)
-            counts.copy_to_host(n, st)
-            cold_ids.rows(0, cold.size).copy_to_host(cold, st)
-            ffn_in.copy_to_host(ffn_in_h, st)
+            cap = min(L.cold_cap, cfg.n_ff)
+            # host arrays the copies land in: kept for a decode step's recorded copies
+            n, cold, ffn_in_h = (self._host_buf("counts", (2,), np.int32), self._host_buf("cold", (cap,), np.int32),
+                                 self._host_buf("ffn_in", (T, cfg.n_embd), np.float32)) if T == 1 else \
+                (np.empty(2, np.int32), np.empty(cap, np.int32), np.empty((T, cfg.n_embd), np.float32))
+
+            def split():
+                dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=ffn_in, stream=st)
+                dev.predict_logits(L.fc1, L.fc2, x, out=logits, stream=st)
+                dev.select(logits, f.threshold, L.part, L.n_local, hot_ids, cold_ids, counts, stream=st)
+                counts.copy_to_host(n, st)
+                cold_ids.rows(0, cap).copy_to_host(cold, st)
+                ffn_in.copy_to_host(ffn_in_h, st)
+
+            if T == 1:
+                self._segment((li, "split", x._ptr, cap, f.threshold), split)
+            else:
+                split()
             dev.sync(st)  # the layer's synchronisation
             n_hot, n_cold = int(n[0]), int(n[1])
             if n_cold > cold.size:  # more cold neurons than ever before: fetch the rest, remember the size
@@ -212,7 +262,10 @@ class DeviceLayers:
             cold = cold[:n_cold]
             hot_dev = hot_ids.rows(0, n_hot)
         else:  # the active set from the host (per-token batches: thresholded there, from device logits)
+            dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=ffn_in, stream=st)
+            ffn_in_h = np.empty((T, cfg.n_embd), np.float32)
             if logits is not None:
+                dev.predict_logits(L.fc1, L.fc2, x, out=logits, stream=st)
                 logits_h = logits.copy_to_host(np.empty((T, cfg.n_ff), np.float32), st)
             x_h = None
             if f.mode == "sparse" and logits is None:
@@ -244,10 +297,17 @@ class DeviceLayers:
                            skip_threshold=skip, token_mask=hot_mask, stream=st)
         skipped = 0
         if cold.size:
-            y = np.empty_like(ffn_in_h)
+            y = self._host_buf("y", (T, cfg.n_embd), np.float32) if T == 1 else np.empty_like(ffn_in_h)
             skipped = self.model.cold_executor.run(lw, f.act, np.ascontiguousarray(cold, np.int32), ffn_in_h, y,
                                                    False, skip, token_mask=cold_mask)
-            dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
+
+            def add_cold():  # the copy up reads y before it returns (pageable memory): y may change after
+                dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
+
+            if T == 1:
+                self._segment((li, "cold", x._ptr), add_cold)
+            else:
+                add_cold()
         f.stats.calls += 1
         f.stats.listed += n_hot + cold.size
         f.stats.computed += n_hot + cold.size - skipped
@@ -257,8 +317,17 @@ class DeviceLayers:
         """The output head on the device for the rows of x; the logits come back (a sync)."""
         norm, W = self.output
         T = x.shape[0]
-        h = self.dev.rmsnorm(x, norm, self.cfg.norm_eps, out=self._buf("h", T, self.cfg.n_embd), stream=self.stream)
-        return self.dev.gemm(W, h, out=self._buf("logits_out", T, W.rows), stream=self.stream).to_host(self.stream)
+        out = self._buf("logits_out", T, W.rows)
+
+        def head():
+            h = self.dev.rmsnorm(x, norm, self.cfg.norm_eps, out=self._buf("h", T, self.cfg.n_embd), stream=self.stream)
+            self.dev.gemm(W, h, out=out, stream=self.stream)
+
+        if T == 1:
+            self._segment(("output", x._ptr), head)
+        else:
+            head()
+        return out.to_host(self.stream)
 
     # ---- KV cache state (save_state / load_state)
     def device_kv_layers(self) -> list[int]:

@@ -22,6 +22,7 @@ the CPU emulator build that runs these kernels in tests without a GPU).
 from __future__ import annotations
 
 import math
+import contextlib
 import os
 import pathlib
 import re
@@ -39,6 +40,8 @@ LIBRARY_NAMES = ("libpi_backend_cuda.so", "libpi_backend_hip.so")
 ENV_LIBRARY = "PI_BACKEND_DEVICE_LIB"
 
 _ACT_NAMES = native.ACTIVATIONS
+# the dtypes the ops take, converted once (np.dtype() at every argument check showed in a decode step)
+_DTYPES = {t: np.dtype(t) for t in (np.float32, np.float16, np.int32, np.uint8, np.bool_)}
 
 
 def device_cdef(text: str | None = None) -> str:
@@ -91,13 +94,14 @@ class DeviceArray:
         self._ptr = dev.ffi.cast("char *", p[0])
         self._casts: dict[str, object] = {}
         self._finalizer = weakref.finalize(self, dev.lib.pi_dev_free, p[0])
+        self._live = [True]  # shared with the views; cheaper to test than the finalizer's `alive`
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def ptr(self, ctype: str = "void *"):
-        if not self._finalizer.alive:
+        if not self._live[0]:
             raise ValueError("DeviceArray: used after free()")
         c = self._casts.get(ctype)
         if c is None:
@@ -110,8 +114,7 @@ class DeviceArray:
             raise ValueError(f"a: expected {self.dtype} {self.shape}, got {a.dtype} {a.shape}")
         if self.nbytes:
             ffi = self.dev.ffi
-            _check("pi_dev_memcpy_h2d", self.dev.lib.pi_dev_memcpy_h2d(
-                self.ptr(), ffi.from_buffer(a), self.nbytes, _stream(ffi, stream)))
+            self.dev._run("pi_dev_memcpy_h2d", self.ptr(), ffi.from_buffer(a), self.nbytes, _stream(ffi, stream))
         return self
 
     def copy_to_host(self, out: np.ndarray, stream=None) -> np.ndarray:
@@ -122,8 +125,7 @@ class DeviceArray:
             raise ValueError(f"out: expected a writable C-contiguous array of {self.nbytes} bytes")
         if self.nbytes:
             ffi = self.dev.ffi
-            _check("pi_dev_memcpy_d2h", self.dev.lib.pi_dev_memcpy_d2h(
-                ffi.from_buffer(out), self.ptr(), self.nbytes, _stream(ffi, stream)))
+            self.dev._run("pi_dev_memcpy_d2h", ffi.from_buffer(out), self.ptr(), self.nbytes, _stream(ffi, stream))
         return out
 
     def to_host(self, stream=None) -> np.ndarray:
@@ -137,19 +139,19 @@ class DeviceArray:
         if not isinstance(dst, DeviceArray) or dst.dev is not self.dev or dst.nbytes != self.nbytes:
             raise ValueError(f"dst: expected a DeviceArray of {self.nbytes} bytes on the same device")
         if self.nbytes:
-            _check("pi_dev_memcpy_d2d", self.dev.lib.pi_dev_memcpy_d2d(dst.ptr(), self.ptr(), self.nbytes,
-                                                                      _stream(self.dev.ffi, stream)))
+            self.dev._run("pi_dev_memcpy_d2d", dst.ptr(), self.ptr(), self.nbytes,
+                                                                      _stream(self.dev.ffi, stream))
         return dst
 
     def fill_zero(self, stream=None) -> "DeviceArray":
         if self.nbytes:
-            _check("pi_dev_memset", self.dev.lib.pi_dev_memset(self.ptr(), 0, self.nbytes,
-                                                               _stream(self.dev.ffi, stream)))
+            self.dev._run("pi_dev_memset", self.ptr(), 0, self.nbytes,
+                                                               _stream(self.dev.ffi, stream))
         return self
 
     def _view(self, shape: tuple[int, ...], byte_offset: int) -> "DeviceArray":
         """A view of the same storage (shape: ints, already checked by the caller)."""
-        if not self._finalizer.alive:
+        if not self._live[0]:
             raise ValueError("DeviceArray: used after free()")
         v = object.__new__(DeviceArray)
         v.dev, v.dtype, v.shape = self.dev, self.dtype, shape
@@ -157,7 +159,7 @@ class DeviceArray:
         v.nbytes = v.size * self.dtype.itemsize
         v._ptr = self._ptr + byte_offset if byte_offset else self._ptr
         v._casts = {}
-        v._finalizer, v._base = self._finalizer, self  # alive exactly as long as the storage
+        v._finalizer, v._live, v._base = self._finalizer, self._live, self  # the storage outlives its views
         return v
 
     def rows(self, start: int, stop: int) -> "DeviceArray":
@@ -177,6 +179,7 @@ class DeviceArray:
     def free(self) -> None:
         if getattr(self, "_base", None) is None:  # a view never frees its storage
             self._finalizer()
+            self._live[0] = False
 
     def __repr__(self) -> str:
         return f"DeviceArray({self.shape}, {self.dtype}, on {self.dev.name})"
@@ -222,8 +225,34 @@ class Device:
         self.ffi = FFI()
         self.ffi.cdef(device_cdef())
         self.lib = self.ffi.dlopen(self.path)  # OSError if it cannot be loaded
-        for fn in device_functions():  # a library built from another version of the header: refuse now
-            getattr(self.lib, fn)  # AttributeError
+        # every entry point looked up now: a library built from another header is refused here (AttributeError)
+        self._fns = {fn: getattr(self.lib, fn) for fn in device_functions()}
+        self._tape = threading.local()
+
+    # ---- the C calls of the ops: run, and recorded for replay inside recording()
+    def _run(self, name: str, *args) -> None:
+        fn = self._fns[name]
+        tape = getattr(self._tape, "calls", None)
+        if tape is not None:
+            tape.append((name, fn, args))
+        _check(name, fn(*args))
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Run ops as usual (checked, on the device) and collect their C calls with the arguments as
+        converted: replay(calls) makes the same calls again without the Python checks. For a fixed
+        sequence repeated on the same buffers (a decode step's dense block), whose arguments were
+        checked the first time; the caller keeps every array it used alive and unchanged in place."""
+        prev = getattr(self._tape, "calls", None)
+        self._tape.calls = calls = []
+        try:
+            yield calls
+        finally:
+            self._tape.calls = prev
+
+    def replay(self, calls: list) -> None:
+        for name, fn, args in calls:
+            _check(name, fn(*args))
 
     # ---- state
     def available(self) -> bool:
@@ -287,9 +316,10 @@ class Device:
             raise TypeError(f"{name}: expected DeviceArray, got {type(a).__name__}")
         if a.dev is not self:
             raise ValueError(f"{name}: belongs to another device library")
-        if a.dtype != np.dtype(dtype):
-            raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
-        if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        want = _DTYPES.get(dtype) or np.dtype(dtype)
+        if a.dtype != want:
+            raise TypeError(f"{name}: expected dtype {want.name}, got {a.dtype}")
+        if ndim is not None and len(a.shape) not in (ndim if isinstance(ndim, tuple) else (ndim,)):
             raise ValueError(f"{name}: expected {ndim}-D, got shape {a.shape}")
         return a
 
@@ -319,8 +349,8 @@ class Device:
         W = self._mat(W, "W")
         x, n_tok = self._tokens(x, "x", W.cols)
         y = self._out(out, "out", x.shape[:-1] + (W.rows,))
-        _check("pi_dev_gemm", self.lib.pi_dev_gemm(W._desc, x.ptr("float *"), n_tok, y.ptr("float *"),
-                                                   _stream(self.ffi, stream)))
+        self._run("pi_dev_gemm", W._desc, x.ptr("float *"), n_tok, y.ptr("float *"),
+                                                   _stream(self.ffi, stream))
         return y
 
     def sparse_rows(self, W: DeviceMatrix, idx: DeviceArray, x: DeviceArray, out: DeviceArray | None = None,
@@ -330,9 +360,9 @@ class Device:
         x, n_tok = self._tokens(x, "x", W.cols)
         y = self._out(out, "out", x.shape[:-1] + (idx.size,))
         if idx.size:
-            _check("pi_dev_sparse_gemm_rows", self.lib.pi_dev_sparse_gemm_rows(
+            self._run("pi_dev_sparse_gemm_rows",
                 W._desc, idx.ptr("int32_t *"), idx.size, x.ptr("float *"), n_tok, y.ptr("float *"),
-                _stream(self.ffi, stream)))
+                _stream(self.ffi, stream))
         return y
 
     def sparse_axpy(self, Wt: DeviceMatrix, idx: DeviceArray, h: DeviceArray, y: DeviceArray,
@@ -344,9 +374,9 @@ class Device:
         if y.shape != h.shape[:-1] + (Wt.cols,):
             raise ValueError(f"y: expected shape {h.shape[:-1] + (Wt.cols,)}, got {y.shape}")
         if idx.size:
-            _check("pi_dev_sparse_axpy_rows", self.lib.pi_dev_sparse_axpy_rows(
+            self._run("pi_dev_sparse_axpy_rows",
                 Wt._desc, idx.ptr("int32_t *"), idx.size, h.ptr("float *"), n_tok, y.ptr("float *"),
-                _stream(self.ffi, stream)))
+                _stream(self.ffi, stream))
         return y
 
     def sparse_ffn(self, gate: DeviceMatrix | None, up: DeviceMatrix, down_t: DeviceMatrix, x: DeviceArray,
@@ -366,11 +396,11 @@ class Device:
         if accumulate and out is None:
             raise ValueError("out: required with accumulate=True")
         y = self._out(out, "out", x.shape[:-1] + (up.cols,))
-        _check("pi_dev_sparse_ffn", self.lib.pi_dev_sparse_ffn(
+        self._run("pi_dev_sparse_ffn",
             gate._desc if gate is not None else self.ffi.NULL, up._desc, down_t._desc, _ACT_NAMES[act],
             idx.ptr("int32_t *") if idx.size else self.ffi.NULL, idx.size,
             token_mask.ptr("uint8_t *") if token_mask is not None and idx.size else self.ffi.NULL, x.ptr("float *"), n_tok,
-            y.ptr("float *"), int(bool(accumulate)), float(skip_threshold), _stream(self.ffi, stream)))
+            y.ptr("float *"), int(bool(accumulate)), float(skip_threshold), _stream(self.ffi, stream))
         return y
 
     def predict_logits(self, fc1: DeviceMatrix, fc2: DeviceMatrix, x: DeviceArray, out: DeviceArray | None = None,
@@ -381,8 +411,8 @@ class Device:
             raise ValueError(f"fc2: has {fc2.cols} columns but fc1 has rank {fc1.rows}")
         x, n_tok = self._tokens(x, "x", fc1.cols)
         y = self._out(out, "out", x.shape[:-1] + (fc2.rows,))
-        _check("pi_dev_predict_logits", self.lib.pi_dev_predict_logits(
-            fc1._desc, fc2._desc, x.ptr("float *"), n_tok, y.ptr("float *"), _stream(self.ffi, stream)))
+        self._run("pi_dev_predict_logits",
+            fc1._desc, fc2._desc, x.ptr("float *"), n_tok, y.ptr("float *"), _stream(self.ffi, stream))
         return y
 
     # ---- dense blocks (an offloaded layer's attention; the residual stream stays on the device)
@@ -394,8 +424,8 @@ class Device:
         if not (isinstance(eps, (int, float, np.floating)) and eps >= 0):
             raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
         y = self._out(out, "out", x.shape)
-        _check("pi_dev_rmsnorm", self.lib.pi_dev_rmsnorm(x.ptr("float *"), w.ptr("float *"), n_tok, w.size,
-                                                         float(eps), y.ptr("float *"), _stream(self.ffi, stream)))
+        self._run("pi_dev_rmsnorm", x.ptr("float *"), w.ptr("float *"), n_tok, w.size,
+                                                         float(eps), y.ptr("float *"), _stream(self.ffi, stream))
         return y
 
     def rope(self, x: DeviceArray, pos0: int, n_rot: int, freq_base: float, neox: bool = False,
@@ -409,8 +439,8 @@ class Device:
             raise ValueError(f"pos0: must be >= 0, got {pos0}")
         if not freq_base > 0:
             raise ValueError(f"freq_base: must be > 0, got {freq_base}")
-        _check("pi_dev_rope", self.lib.pi_dev_rope(x.ptr("float *"), int(pos0), n_tok, n_heads, head_dim, int(n_rot),
-                                                   float(freq_base), int(bool(neox)), _stream(self.ffi, stream)))
+        self._run("pi_dev_rope", x.ptr("float *"), int(pos0), n_tok, n_heads, head_dim, int(n_rot),
+                                                   float(freq_base), int(bool(neox)), _stream(self.ffi, stream))
         return x
 
     def attention(self, q: DeviceArray, k_cache: DeviceArray, v_cache: DeviceArray, n_past: int,
@@ -434,9 +464,9 @@ class Device:
         if not 0 <= int(n_past) <= kv_rows - n_tok:
             raise ValueError(f"n_past: {n_past} cached + {n_tok} new exceeds the cache's {kv_rows} rows")
         y = self._out(out, "out", (n_tok, n_head * d))
-        _check("pi_dev_attention", self.lib.pi_dev_attention(
+        self._run("pi_dev_attention",
             q.ptr("float *"), k_cache.ptr("void *"), v_cache.ptr("void *"), kv_type, kv_rows, int(n_past), n_tok,
-            n_head, n_head_kv, d, y.ptr("float *"), _stream(self.ffi, stream)))
+            n_head, n_head_kv, d, y.ptr("float *"), _stream(self.ffi, stream))
         return y
 
     def to_f16(self, x: DeviceArray, out: DeviceArray, stream=None) -> DeviceArray:
@@ -444,8 +474,8 @@ class Device:
         x, out = self._arr(x, "x", np.float32), self._arr(out, "out", np.float16)
         if out.shape != x.shape:
             raise ValueError(f"out: shape {out.shape} != x {x.shape}")
-        _check("pi_dev_to_f16", self.lib.pi_dev_to_f16(x.ptr("float *"), out.ptr("uint16_t *"), x.size,
-                                                       _stream(self.ffi, stream)))
+        self._run("pi_dev_to_f16", x.ptr("float *"), out.ptr("uint16_t *"), x.size,
+                                                       _stream(self.ffi, stream))
         return out
 
     def add(self, y: DeviceArray, x: DeviceArray, stream=None) -> DeviceArray:
@@ -453,7 +483,7 @@ class Device:
         y, x = self._arr(y, "y", np.float32), self._arr(x, "x", np.float32)
         if x.shape != y.shape:
             raise ValueError(f"x: shape {x.shape} != y {y.shape}")
-        _check("pi_dev_add", self.lib.pi_dev_add(y.ptr("float *"), x.ptr("float *"), y.size, _stream(self.ffi, stream)))
+        self._run("pi_dev_add", y.ptr("float *"), x.ptr("float *"), y.size, _stream(self.ffi, stream))
         return y
 
     def select(self, logits: DeviceArray, threshold: float, part: DeviceArray | None, n_local: int,
@@ -479,10 +509,10 @@ class Device:
             raise ValueError("counts: needs 2 entries")
         if threshold != threshold:
             raise ValueError("threshold: NaN")
-        _check("pi_dev_select", self.lib.pi_dev_select(
+        self._run("pi_dev_select",
             logits.ptr("float *"), n_tok, n_ff, float(threshold), part.ptr("int32_t *") if part is not None else self.ffi.NULL,
             int(n_local), hot_out.ptr("int32_t *"), cold_out.ptr("int32_t *"), counts.ptr("int32_t *"),
-            _stream(self.ffi, stream)))
+            _stream(self.ffi, stream))
 
     def __repr__(self) -> str:
         return f"Device({self.backend}: {self.name}, {self.path})"
