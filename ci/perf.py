@@ -30,7 +30,7 @@ ROOT = CI.parent
 BASELINES = CI / "baselines"
 SUITES = {"kernels": "bench_kernels", "engine": "bench_engine", "llamacpp": "bench_llamacpp",
           "placement": "bench_placement", "gpu": "bench_gpu", "gpu_model": "bench_gpu_model",
-          "vllm": "bench_vllm"}
+          "vllm": "bench_vllm", "device_host": "bench_device_host"}
 
 
 def run_suite(module: str, extra: list[str]) -> dict:
