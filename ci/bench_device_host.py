@@ -46,17 +46,13 @@ if _LIB is not None:
 
 @functools.lru_cache(maxsize=None)
 def model_path() -> Path:
-    from pi_backend.model.activation_stats import save_activation_tensor
-    from pi_backend.model.factory import write_llama_model
+    from pi_backend.model.factory import write_llama_model, write_skewed_activation_stats
 
     d = Path(tempfile.mkdtemp(prefix="pi_bench_host_"))
     fm = write_llama_model(d / "m.powerinfer.gguf", n_embd=256, n_ff=1024, n_layer=8, n_head=4, n_head_kv=2,
                            ffn_act="reglu", powerinfer=True, predictor_rank=64, weight_type="f16", seed=5,
                            vocab="byte")
-    (d / "activation").mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(8):
-        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, 1024).astype(np.float32))
+    write_skewed_activation_stats(d, n_layer=8, n_ff=1024, seed=2)
     return fm.path
 
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import pi_backend
-from pi_backend.model.activation_stats import save_activation_tensor
-from pi_backend.model.factory import write_llama_model
+from pi_backend.model.factory import write_llama_model, write_skewed_activation_stats
 from pi_backend.native import device
 
 pytestmark = pytest.mark.gpu
@@ -33,10 +32,7 @@ def model(request, tmp_path_factory):
     fm = write_llama_model(d / "m.powerinfer.gguf", n_embd=512, n_ff=1536, n_layer=3, n_head=8, n_head_kv=4,
                            ffn_act="reglu", powerinfer=True, predictor_rank=128, weight_type=request.param, seed=4,
                            vocab="byte")
-    (d / "activation").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, 1536).astype(np.float32))
+    write_skewed_activation_stats(d, n_layer=3, n_ff=1536, seed=0)
     return SimpleNamespace(path=fm.path, weight_type=request.param)
 
 

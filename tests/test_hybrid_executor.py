@@ -13,8 +13,7 @@ from pi_backend.engine import executors
 from pi_backend.engine.executors import (
     CpuExecutor, CpuThreadExecutor, Executor, GpuUnavailableError, HotRows, gpu_available,
 )
-from pi_backend.model.activation_stats import save_activation_tensor
-from pi_backend.model.factory import write_llama_model
+from pi_backend.model.factory import write_llama_model, write_skewed_activation_stats
 from pi_backend.placement import CostModel
 
 TOKENS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]
@@ -27,10 +26,7 @@ def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("hybrid")
     fm = write_llama_model(d / "m.powerinfer.gguf", n_embd=128, n_ff=512, n_layer=2, n_head=4, ffn_act="reglu",
                            powerinfer=True, predictor_rank=64, weight_type="f16", seed=2)
-    (d / "activation").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, 512).astype(np.float32))
+    write_skewed_activation_stats(d, n_layer=2, n_ff=512, seed=0)
     return fm
 
 
@@ -296,10 +292,7 @@ def byte_model(tmp_path_factory):
     fm = write_llama_model(d / "b.powerinfer.gguf", n_embd=128, n_ff=512, n_layer=2, n_head=4, n_head_kv=2,
                            ffn_act="reglu", powerinfer=True, predictor_rank=64, weight_type="f16", seed=3,
                            vocab="byte")
-    (d / "activation").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, 512).astype(np.float32))
+    write_skewed_activation_stats(d, n_layer=2, n_ff=512, seed=1)
     return fm
 
 

@@ -13,7 +13,7 @@ import pi_backend
 from pi_backend import native
 from pi_backend.model.activation_stats import save_activation_tensor
 from pi_backend.model.config import ModelConfig
-from pi_backend.model.factory import write_llama_model
+from pi_backend.model.factory import write_llama_model, write_skewed_activation_stats
 from pi_backend.model.gguf_file import GGUFFile
 from pi_backend.placement import (
     CostModel, ModelSizes, PlacementError, cache_path, format_report, gpuidx_path, plan_for_model, plot_placement,
@@ -235,10 +235,7 @@ def model_dir(tmp_path, source_models):
 
 
 def write_stats(d, seed, n_layer=2, n_ff=512):
-    (d / "activation").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_layer):
-        save_activation_tensor(d / "activation" / f"activation_{i}.pt", rng.beta(0.3, 3.0, n_ff).astype(np.float32))
+    write_skewed_activation_stats(d, n_layer=n_layer, n_ff=n_ff, seed=seed)
 
 
 def place(path, budget=4 * MiB, **kw):

@@ -141,6 +141,20 @@ def write_llama_model(
     return FixtureModel(path=Path(path), weights=ordered, config=config)
 
 
+def write_skewed_activation_stats(model_dir: str | os.PathLike, n_layer: int, n_ff: int, seed: int = 0) -> Path:
+    """PowerInfer-style `activation/activation_{i}.pt` statistics beside a fixture model: per neuron an
+    activation frequency drawn from Beta(0.3, 3), a few hot neurons and a long cold tail, as ReLU
+    models show. What placement (hot / cold split) tests and benchmarks need without profiling."""
+    from .activation_stats import save_activation_tensor
+
+    out = Path(model_dir) / "activation"
+    out.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_layer):
+        save_activation_tensor(out / f"activation_{i}.pt", rng.beta(0.3, 3.0, n_ff).astype(np.float32))
+    return out
+
+
 def random_llama_weights(
     *, n_vocab: int, n_embd: int, n_ff: int, n_layer: int, n_head: int, n_head_kv: int,
     rng: np.random.Generator, init_std: float | None = None, bias_constant: float = 1.0,
