@@ -231,20 +231,22 @@ class DeviceLayers:
         # the predictor on the device, where it was placed there
         logits = self._buf("logits", T, cfg.n_ff) if L.fc1 is not None else None
         if logits is not None and not per_token:  # the split on the device too
-            hot_ids, cold_ids = (self._buf(n, 1, cfg.n_ff, np.int32, shape=(cfg.n_ff,)) for n in ("hot_ids", "cold_ids"))
-            counts = self._buf("counts", 1, 2, np.int32, shape=(2,))
+            hot_ids = self._buf("hot_ids", 1, cfg.n_ff, np.int32, shape=(cfg.n_ff,))
+            # the counts and the cold ids side by side, so that one copy brings both back
+            sel = self._buf("select", 1, 2 + cfg.n_ff, np.int32, shape=(2 + cfg.n_ff,))
+            counts, cold_ids = sel.rows(0, 2), sel.rows(2, 2 + cfg.n_ff)
             cap = min(L.cold_cap, cfg.n_ff)
             # host arrays the copies land in: kept for a decode step's recorded copies
-            n, cold, ffn_in_h = (self._host_buf("counts", (2,), np.int32), self._host_buf("cold", (cap,), np.int32),
-                                 self._host_buf("ffn_in", (T, cfg.n_embd), np.float32)) if T == 1 else \
-                (np.empty(2, np.int32), np.empty(cap, np.int32), np.empty((T, cfg.n_embd), np.float32))
+            sel_h, ffn_in_h = (self._host_buf("select", (2 + cap,), np.int32),
+                               self._host_buf("ffn_in", (T, cfg.n_embd), np.float32)) if T == 1 else \
+                (np.empty(2 + cap, np.int32), np.empty((T, cfg.n_embd), np.float32))
+            n, cold = sel_h[:2], sel_h[2:]
 
             def split():
                 dev.rmsnorm(x, L.ffn_norm, cfg.norm_eps, out=ffn_in, stream=st)
                 dev.predict_logits(L.fc1, L.fc2, x, out=logits, stream=st)
                 dev.select(logits, f.threshold, L.part, L.n_local, hot_ids, cold_ids, counts, stream=st)
-                counts.copy_to_host(n, st)
-                cold_ids.rows(0, cap).copy_to_host(cold, st)
+                sel.rows(0, 2 + cap).copy_to_host(sel_h, st)
                 ffn_in.copy_to_host(ffn_in_h, st)
 
             if T == 1:
