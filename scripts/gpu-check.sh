@@ -15,8 +15,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$(mkdir -p "${1:?usage: scripts/gpu-check.sh OUT_DIR [STAGE ...]}" && cd "$1" && pwd)"
 shift
-STAGES=("${@:-build tests generate gpu}")
-STAGES=(${STAGES[*]})
+[ $# -gt 0 ] || set -- build tests generate gpu
 PY="${PYTHON:-python3}"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1
@@ -46,7 +45,7 @@ generate_both() {  # the built-in model on the CPU, then with a 64 MiB VRAM budg
   [ "$cpu" = "$gpu" ]
 }
 
-for s in "${STAGES[@]}"; do
+for s in "$@"; do
   case $s in
     build) { command -v nvidia-smi >/dev/null && nvidia-smi; } >"$OUT/nvidia-smi.log" 2>&1
            stage build "$PY" pi_backend/native/build_gpu.py --cuda --strict ;;

@@ -132,11 +132,14 @@ class DeviceLayers:
             a = self._host[(name, shape)] = np.empty(shape, dtype)
         return a
 
-    def _segment(self, key: tuple, ops) -> None:
+    def _segment(self, key: tuple | None, ops) -> None:
         """ops() -- device ops only, every argument fixed by `key` and by the scratch buffers -- run the
         first time with the usual checks and recorded; then replayed as the bare C calls. A decode step
         repeats the same ops on the same buffers at every token, and at that size the Python of the
-        checks, not the GPU, was what a step waited for."""
+        checks, not the GPU, was what a step waited for. key None (a prompt): just run them."""
+        if key is None:
+            ops()
+            return
         calls = self._plans.get(key)
         if calls is not None:
             self.dev.replay(calls)
@@ -175,10 +178,9 @@ class DeviceLayers:
             dev.gemm(L.wk, h, out=k2, stream=st)
             dev.gemm(L.wv, h, out=v2, stream=st)
 
-        if T == 1 and not direct:  # a decode step: the same calls on the same buffers every token
-            self._segment((li, "qkv", x._ptr), qkv)
-        else:
-            qkv()
+        # a decode step makes the same calls on the same buffers every token (not so with K/V written
+        # straight into the cache rows of the position)
+        self._segment((li, "qkv", x._ptr) if T == 1 and not direct else None, qkv)
         dev.rope(q3, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         dev.rope(k, pos0, cfg.rope_dim, cfg.rope_freq_base, stream=st)
         att = self._buf("att", T, cfg.n_head * d)
@@ -202,10 +204,7 @@ class DeviceLayers:
         def out():
             dev.add(x, dev.gemm(L.wo, att, out=self._buf("o", T, cfg.n_embd), stream=st), stream=st)
 
-        if T == 1:
-            self._segment((li, "wo", x._ptr), out)
-        else:
-            out()
+        self._segment((li, "wo", x._ptr) if T == 1 else None, out)
 
     def ffn(self, li: int, x: DeviceArray) -> None:
         """x += the layer's FFN: hot partition on the device, cold on the CPU, one synchronisation."""
@@ -249,10 +248,7 @@ class DeviceLayers:
                 sel.rows(0, 2 + cap).copy_to_host(sel_h, st)
                 ffn_in.copy_to_host(ffn_in_h, st)
 
-            if T == 1:
-                self._segment((li, "split", x._ptr, cap, f.threshold), split)
-            else:
-                split()
+            self._segment((li, "split", x._ptr, cap, f.threshold) if T == 1 else None, split)
             dev.sync(st)  # the layer's synchronisation
             n_hot, n_cold = int(n[0]), int(n[1])
             if n_cold > cold.size:  # more cold neurons than ever before: fetch the rest, remember the size
@@ -306,10 +302,7 @@ class DeviceLayers:
             def add_cold():  # the copy up reads y before it returns (pageable memory): y may change after
                 dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
 
-            if T == 1:
-                self._segment((li, "cold", x._ptr), add_cold)
-            else:
-                add_cold()
+            self._segment((li, "cold", x._ptr) if T == 1 else None, add_cold)
         f.stats.calls += 1
         f.stats.listed += n_hot + cold.size
         f.stats.computed += n_hot + cold.size - skipped
@@ -325,10 +318,7 @@ class DeviceLayers:
             h = self.dev.rmsnorm(x, norm, self.cfg.norm_eps, out=self._buf("h", T, self.cfg.n_embd), stream=self.stream)
             self.dev.gemm(W, h, out=out, stream=self.stream)
 
-        if T == 1:
-            self._segment(("output", x._ptr), head)
-        else:
-            head()
+        self._segment(("output", x._ptr) if T == 1 else None, head)
         return out.to_host(self.stream)
 
     # ---- KV cache state (save_state / load_state)

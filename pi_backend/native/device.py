@@ -21,8 +21,8 @@ the CPU emulator build that runs these kernels in tests without a GPU).
 """
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import os
 import pathlib
 import re
@@ -139,14 +139,12 @@ class DeviceArray:
         if not isinstance(dst, DeviceArray) or dst.dev is not self.dev or dst.nbytes != self.nbytes:
             raise ValueError(f"dst: expected a DeviceArray of {self.nbytes} bytes on the same device")
         if self.nbytes:
-            self.dev._run("pi_dev_memcpy_d2d", dst.ptr(), self.ptr(), self.nbytes,
-                                                                      _stream(self.dev.ffi, stream))
+            self.dev._run("pi_dev_memcpy_d2d", dst.ptr(), self.ptr(), self.nbytes, _stream(self.dev.ffi, stream))
         return dst
 
     def fill_zero(self, stream=None) -> "DeviceArray":
         if self.nbytes:
-            self.dev._run("pi_dev_memset", self.ptr(), 0, self.nbytes,
-                                                               _stream(self.dev.ffi, stream))
+            self.dev._run("pi_dev_memset", self.ptr(), 0, self.nbytes, _stream(self.dev.ffi, stream))
         return self
 
     def _view(self, shape: tuple[int, ...], byte_offset: int) -> "DeviceArray":
@@ -349,8 +347,7 @@ class Device:
         W = self._mat(W, "W")
         x, n_tok = self._tokens(x, "x", W.cols)
         y = self._out(out, "out", x.shape[:-1] + (W.rows,))
-        self._run("pi_dev_gemm", W._desc, x.ptr("float *"), n_tok, y.ptr("float *"),
-                                                   _stream(self.ffi, stream))
+        self._run("pi_dev_gemm", W._desc, x.ptr("float *"), n_tok, y.ptr("float *"), _stream(self.ffi, stream))
         return y
 
     def sparse_rows(self, W: DeviceMatrix, idx: DeviceArray, x: DeviceArray, out: DeviceArray | None = None,
@@ -425,7 +422,7 @@ class Device:
             raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
         y = self._out(out, "out", x.shape)
         self._run("pi_dev_rmsnorm", x.ptr("float *"), w.ptr("float *"), n_tok, w.size,
-                                                         float(eps), y.ptr("float *"), _stream(self.ffi, stream))
+            float(eps), y.ptr("float *"), _stream(self.ffi, stream))
         return y
 
     def rope(self, x: DeviceArray, pos0: int, n_rot: int, freq_base: float, neox: bool = False,
@@ -440,7 +437,7 @@ class Device:
         if not freq_base > 0:
             raise ValueError(f"freq_base: must be > 0, got {freq_base}")
         self._run("pi_dev_rope", x.ptr("float *"), int(pos0), n_tok, n_heads, head_dim, int(n_rot),
-                                                   float(freq_base), int(bool(neox)), _stream(self.ffi, stream))
+            float(freq_base), int(bool(neox)), _stream(self.ffi, stream))
         return x
 
     def attention(self, q: DeviceArray, k_cache: DeviceArray, v_cache: DeviceArray, n_past: int,
@@ -474,8 +471,7 @@ class Device:
         x, out = self._arr(x, "x", np.float32), self._arr(out, "out", np.float16)
         if out.shape != x.shape:
             raise ValueError(f"out: shape {out.shape} != x {x.shape}")
-        self._run("pi_dev_to_f16", x.ptr("float *"), out.ptr("uint16_t *"), x.size,
-                                                       _stream(self.ffi, stream))
+        self._run("pi_dev_to_f16", x.ptr("float *"), out.ptr("uint16_t *"), x.size, _stream(self.ffi, stream))
         return out
 
     def add(self, y: DeviceArray, x: DeviceArray, stream=None) -> DeviceArray:

@@ -80,14 +80,11 @@ __device__ __forceinline__ float act_gate(int act, float g) {
     }
 }
 
-/* an int8 / 4-bit value from its bits, without implementation-defined conversions */
-__device__ __forceinline__ float s8(unsigned int b) { return (float)((int)((b & 0xffu) ^ 0x80u) - 128); }
-__device__ __forceinline__ float q4(unsigned int n) { return (float)((int)(n & 15u) - 8); }
-
-/* The same values without an int -> float conversion (a quarter-rate instruction): the bits go into the
- * mantissa of 2^23 (exact), and one subtraction removes 2^23 and the offset. */
-__device__ __forceinline__ float s8_fast(unsigned int b) { return __uint_as_float(((b & 0xffu) ^ 0x80u) | 0x4b000000u) - 8388736.0f; }
-__device__ __forceinline__ float q4_fast(unsigned int n) { return __uint_as_float((n & 15u) | 0x4b000000u) - 8388616.0f; }
+/* An int8 / 4-bit value from its bits, without implementation-defined conversions and without an
+ * int -> float conversion (a quarter-rate instruction): the bits go into the mantissa of 2^23 (exact),
+ * and one subtraction removes 2^23 and the offset. */
+__device__ __forceinline__ float s8(unsigned int b) { return __uint_as_float(((b & 0xffu) ^ 0x80u) | 0x4b000000u) - 8388736.0f; }
+__device__ __forceinline__ float q4(unsigned int n) { return __uint_as_float((n & 15u) | 0x4b000000u) - 8388616.0f; }
 
 /* a 2-byte aligned 16-bit load (quantized blocks) */
 __device__ __forceinline__ unsigned int ld16(const uint8_t *p) {
@@ -123,8 +120,8 @@ __device__ __forceinline__ void load_fast(const uint8_t *__restrict__ row, int64
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const unsigned int u = ld16(q + 2 * i);
-            w[2 * i] = d * s8_fast(u);
-            w[2 * i + 1] = d * s8_fast(u >> 8);
+            w[2 * i] = d * s8(u);
+            w[2 * i + 1] = d * s8(u >> 8);
         }
     } else {
         /* quarter q of block b: qs[4q .. 4q + 3], low nibbles = elements 32b + 4q + i, high nibbles =
@@ -135,8 +132,8 @@ __device__ __forceinline__ void load_fast(const uint8_t *__restrict__ row, int64
         const unsigned int u = ld16(q) | (ld16(q + 2) << 16);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            w[i] = d * q4_fast(u >> (8 * i));
-            w[4 + i] = d * q4_fast(u >> (8 * i + 4));
+            w[i] = d * q4(u >> (8 * i));
+            w[4 + i] = d * q4(u >> (8 * i + 4));
         }
     }
 }
