@@ -13,4 +13,5 @@ LIBASAN="$(gcc -print-file-name=libasan.so)"
 cd "$WORK"
 # Python itself is not built with ASan: preload the runtime, and leave leak checking to C tests.
 LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-  PYTHONPATH="$WORK" "$PY" -m pytest -q -p no:cacheprovider tests/test_native_kernels.py tests/test_native_bad_input.py "$@"
+  PYTHONPATH="$WORK" "$PY" -m pytest -q -p no:cacheprovider tests/test_native_kernels.py tests/test_native_bad_input.py \
+  tests/test_decode_step.py "$@"

@@ -1,8 +1,9 @@
 """The transformer, in one readable pass (llama2.c's shape: config, weights, run state, forward).
 
-Weights are zero-copy views of the GGUF file; every matrix product runs in the native kernels; attention
-over the KV cache is numpy (it is small next to the weights at these sequence lengths). The FFN of each
-layer is a SparseFFN (ffn.py): active-set rule, hot and cold partitions, executors.
+Weights are zero-copy views of the GGUF file; every op (matrix products, attention over the KV cache,
+norms, RoPE) runs in the native kernels. The FFN of each layer is a SparseFFN (ffn.py): active-set rule,
+hot and cold partitions, executors. A one-token step on the CPU is the same ops chained in C
+(pi_backend.native.decode) where that computes the same: the pass here is their reference.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pi_backend.engine.ffn import MODES, RELU_FAMILY, SparseFFN
 from pi_backend.engine.weights import Weights, load_weights, regroup_q4_0
 from pi_backend.model.config import ModelConfig
 from pi_backend.model.gguf_file import GGUFFile
+from pi_backend.native.decode import DecodeLayer, DecodeStep
 
 if TYPE_CHECKING:
     from pi_backend.placement import CostModel
@@ -49,6 +51,7 @@ class EngineOptions:
     kv_type: str = "f16"               # KV cache element type: f16 (llama.cpp's default) | f32
     repack: bool = True                # Q4_0 matrices read by dot products regrouped as Q4_0X16 where faster
     batch_neurons: str = "token"       # sparse batches: each token its own predicted set | the batch's union
+    native_decode: bool = True         # one-token steps as one native call where it computes the same (decode.py)
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in MODES:
@@ -172,6 +175,7 @@ class Model:
         kv = KV_TYPES[self.options.kv_type]
         self.state = RunState(np.zeros(shape, kv), np.zeros(shape, kv))
         self._tokenizer = None
+        self._decode = None  # (the FFN list and caches it was built from, DecodeStep or None)
         if self.use_gpu and self.placement is not None and cfg.arch != "falcon":
             self.device_layers = self._offload_dense()
 
@@ -311,6 +315,14 @@ class Model:
             raise ValueError(f"tokens: id outside [0, {w.token_embd.rows})")
         if st.n_past + T > self.n_ctx:
             raise ValueError(f"tokens: {st.n_past} cached + {T} new exceeds the context of {self.n_ctx}")
+        if T == 1 and (step := self._decode_step()) is not None:
+            logits, counts = step(int(ids[0]), st.n_past, n_threads=self.n_threads)
+            st.n_past += 1
+            for f, (listed, skipped) in zip(self.ffn, counts.tolist()):
+                f.stats.calls += 1
+                f.stats.listed += listed
+                f.stats.computed += listed - skipped
+            return logits
         pos = np.arange(st.n_past, st.n_past + T, dtype=np.int32)
         if cfg.arch == "falcon":  # LayerNorm, fused QKV, parallel attention + FFN, NeoX RoPE
             return forward_falcon(self, ids, pos, all_logits)
@@ -345,6 +357,36 @@ class Model:
         last = x if all_logits else x[-1:]
         return native.gemm(w.output, native.rmsnorm(np.ascontiguousarray(last), w.output_norm, cfg.norm_eps),
                            n_threads=nt)
+
+    def _decode_step(self) -> DecodeStep | None:
+        """The one-call native decode step, where it computes exactly what the pass below does for one
+        token: llama layers all on the CPU, every FFN a plain SparseFFN on the fused kernel (no hot
+        partition, not dense mode's explicit path, not wrapped by the tools that observe FFN calls).
+        Built on first use from the FFN list and caches of the moment; rebuilt if either is replaced."""
+        key = (self.ffn, self.state.k, self.state.v)
+        if self._decode is not None and all(a is b for a, b in zip(self._decode[0], key)):
+            return self._decode[1]
+        step = None
+        if self.options.native_decode and self.config.arch != "falcon" and self.device_layers is None and all(
+                type(f) is SparseFFN and f.hot_mask is None and f.mode != "dense" and f.weights.down_t is not None
+                for f in self.ffn):
+            step = self._build_decode_step()
+        self._decode = (key, step)
+        return step
+
+    def _build_decode_step(self) -> DecodeStep:
+        cfg, w, st = self.config, self.weights, self.state
+        layers = []
+        for i, (lw, f) in enumerate(zip(w.layers, self.ffn)):
+            sparse = f.mode == "sparse"
+            layers.append(DecodeLayer(
+                lw.attn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.ffn_norm, lw.gate, lw.up, lw.down_t, st.k[i], st.v[i],
+                fc1=lw.fc1 if sparse else None, fc2=lw.fc2 if sparse else None,
+                threshold=f.threshold if sparse else 0.0,
+                skip_threshold=f.threshold if f.mode == "threshold" else 0.0))
+        return DecodeStep(w.token_embd, w.output, w.output_norm, layers, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv,
+                          n_rot=cfg.rope_dim, rope_freq_base=cfg.rope_freq_base, norm_eps=cfg.norm_eps,
+                          act=cfg.ffn_act)
 
     def _attention(self, q: np.ndarray, li: int, n_past: int) -> np.ndarray:
         """Causal grouped-query attention of q [T, n_head, d] at positions n_past .. over layer li's

@@ -16,7 +16,7 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
 HEADER = INCLUDE / "pi_backend.h"
-CPU_SOURCES = ["ops.c", "pool.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c"]
+CPU_SOURCES = ["ops.c", "decode.c", "pool.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c"]
 
 
 def read_cdef(text: str, begin: str = "PI_CDEF_BEGIN", end: str = "PI_CDEF_END") -> str:

@@ -175,6 +175,38 @@ int pi_attention(const float *q, const void *k_cache, const void *v_cache, int32
 int pi_kv_store(void *cache, int32_t kv_type, int64_t kv_rows, int64_t n_head_kv, int64_t head_dim, int64_t pos0,
                 const float *x, int64_t n_tok);
 
+/* ---- one-token decode of a llama-family model ----
+ * pi_decode_step runs one token through every layer and the output head on the CPU in one call: the
+ * same ops as above, in the order and with the arguments of the engine's Python pass (so the same
+ * results), without a return to Python between them. Per layer: attention (RMSNorm, Q/K/V, RoPE with
+ * adjacent pairs, KV write at position n_past, pi_attention, Wo, residual add), then the FFN (RMSNorm;
+ * the active set from the predictor on the residual stream, or every neuron; pi_sparse_ffn; residual
+ * add). The model's shapes are checked to fit together before anything runs. */
+typedef struct pi_decode_layer {
+    const float *attn_norm, *ffn_norm;   /* [n_embd] */
+    const pi_matrix *wq, *wk, *wv, *wo;  /* [n_head * head_dim | n_head_kv * head_dim, n_embd]; wo transposed */
+    const pi_matrix *fc1, *fc2;          /* predictor [rank, n_embd], [n_ff, rank]; both NULL: every neuron */
+    float threshold;                     /* the predictor's threshold */
+    float skip_threshold;                /* pi_sparse_ffn's skip_threshold */
+    const pi_matrix *gate, *up, *down_t; /* [n_ff, n_embd]; gate NULL for PI_ACT_RELU / PI_ACT_GELU */
+    void *k_cache, *v_cache;             /* [n_head_kv, kv_rows, head_dim] of kv_type (pi_attention's) */
+} pi_decode_layer;
+
+typedef struct pi_decode_model {
+    int64_t n_embd, n_head, n_head_kv, head_dim, n_ff, n_rot, kv_rows;
+    float norm_eps, rope_freq_base;
+    int32_t act, kv_type, n_layer;
+    const pi_decode_layer *layers;       /* [n_layer] */
+    const pi_matrix *token_embd, *output; /* [n_vocab, n_embd] each */
+    const float *output_norm;            /* [n_embd] */
+} pi_decode_model;
+
+/* token at position n_past (0 <= n_past < kv_rows; the caches hold positions 0 .. n_past - 1) through
+ * the model: writes its K/V at n_past, logits [output.rows], and per layer counts[2 * i] = the neurons
+ * listed, counts[2 * i + 1] = those the kernel skipped. */
+int pi_decode_step(const pi_decode_model *m, int32_t token, int64_t n_past, float *logits, int64_t *counts,
+                   int n_threads);
+
 /* PI_CDEF_END */
 
 /* ---- device entry points (pi_backend/native/cuda, pi_backend/native/hip) ----
