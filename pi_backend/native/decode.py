@@ -7,6 +7,7 @@ in the same order (tests/test_decode_step.py compares them bit for bit).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -63,13 +64,17 @@ class DecodeStep:
         self.output_norm = _norm(output_norm, "output_norm", n_embd)
         if act not in ACTIVATIONS:
             raise ValueError(f"act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
-        if not (isinstance(n_head, int) and isinstance(n_head_kv, int) and 0 < n_head_kv <= n_head
-                and n_head % n_head_kv == 0):
+        try:
+            n_head, n_head_kv, n_rot = (operator.index(v) for v in (n_head, n_head_kv, n_rot))
+        except TypeError:
+            raise TypeError(f"n_head / n_head_kv / n_rot: expected ints, got {n_head!r} / {n_head_kv!r} / {n_rot!r}") \
+                from None
+        if not (0 < n_head_kv <= n_head and n_head % n_head_kv == 0):
             raise ValueError(f"n_head / n_head_kv: {n_head!r} / {n_head_kv!r} (n_head must be a multiple)")
         if not layers:
             raise ValueError("layers: none")
         head_dim = _matrix(layers[0].wq, "layers[0].wq").rows // n_head
-        if head_dim == 0 or not (isinstance(n_rot, int) and 0 < n_rot <= head_dim and n_rot % 2 == 0):
+        if head_dim == 0 or not (0 < n_rot <= head_dim and n_rot % 2 == 0):
             raise ValueError(f"n_rot: must be even and in (0, {head_dim}], got {n_rot!r}")
         n_ff = _matrix(layers[0].up, "layers[0].up").rows
         cache0 = layers[0].k_cache
