@@ -6,7 +6,12 @@ numpy's dense f32 GEMV runs in the same session as the bandwidth yardstick.
 from __future__ import annotations
 
 import functools
+import re
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +156,42 @@ def test_sparse_ffn_batch_f16(benchmark, n_tok):
          3 * idx.size * native.row_bytes(up.wtype, N_EMBD))
 
 
+@functools.lru_cache(maxsize=None)
+def _scattered_read_tool() -> str | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = Path(tempfile.mkdtemp(prefix="pi_scattered_read_")) / "scattered_read"
+    subprocess.run([cc, "-O2", "-mavx2", "-o", str(out), str(Path(__file__).parent / "tools" / "scattered_read.c"),
+                    "-lpthread"], check=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("tname", ["F16", "Q4_0"])
+def test_plain_scattered_read(benchmark, tname):
+    """What this machine gives the 10% rows' access pattern with no arithmetic: ci/tools/scattered_read.c
+    reads disjoint sorted sets of 10% of the rows of a matrix of this layer's shape, each thread
+    prefetching ahead as the kernels do, timed against the yardstick round by round like the kernels.
+    Reported, not tracked: the ceiling the sparse_rows / sparse_axpy ratios are to be read against."""
+    tool = _scattered_read_tool()
+    if tool is None:
+        pytest.skip("no C compiler for ci/tools/scattered_read.c")
+    row = native.row_bytes(TYPES[tname], N_EMBD)
+    gbps, yard = [], []
+
+    def setup():
+        yard.append(_yardstick())
+
+    def timed():
+        out = subprocess.run([tool, str(row), str(N_FF // 10), "8", "2", str(N_FF), "1"], check=True,
+                             capture_output=True, text=True).stdout
+        gbps.append(float(re.search(r"mean ([0-9.]+) GB/s", out).group(1)))
+
+    benchmark.pedantic(timed, setup=setup, rounds=5, iterations=1)
+    benchmark.extra_info.update(bytes=row * (N_FF // 10), read_gbps=gbps, yardstick_times=yard,
+                                yardstick_bytes=_yardstick_data()[0].nbytes)
+
+
 def metrics(median, bytes_of, extra) -> dict[str, float]:
     """Tracked ratios (higher is better), all from benchmarks of this same run; bandwidth against numpy
     per round (the yardstick timed just before the kernel), then the median over rounds."""
@@ -174,6 +215,13 @@ def metrics(median, bytes_of, extra) -> dict[str, float]:
         out[f"ffn_speedup_100_over_10.{t}"] = median(f"test_sparse_ffn[100-{t}]") / one_call(f"test_sparse_ffn[10-{t}]")
         for op in ("sparse_rows", "sparse_axpy", "sparse_ffn"):
             out[f"{op}_10pct_bw_vs_numpy.{t}"] = vs_numpy(f"test_{op}[10-{t}]")
+    for t in ("F16", "Q4_0"):  # the access pattern's own ceiling, where the tool could be built
+        try:
+            ex = extra(f"test_plain_scattered_read[{t}]")
+        except KeyError:
+            continue
+        yard_bw = ex["yardstick_bytes"] / np.asarray(ex["yardstick_times"])
+        out[f"info.plain_read_10pct_bw_vs_numpy.{t}"] = float(np.median(np.asarray(ex["read_gbps"]) * 1e9 / yard_bw))
     out["ffn_threads_2_over_1.Q4_0"] = median("test_sparse_ffn_threads[1]") / median("test_sparse_ffn_threads[2]")
     out["ffn_batch8_efficiency.F16"] = 8 * median("test_sparse_ffn_batch_f16[1]") / median("test_sparse_ffn_batch_f16[8]")
     return out

@@ -5,7 +5,12 @@
  * is 2304 bytes, F16 8192; a 7B FFN matrix has 11008 rows, so 10% density is 1100 of them.
  *
  *   cc -O2 -mavx2 -o /tmp/scattered_read ci/tools/scattered_read.c -lpthread
- *   /tmp/scattered_read ROW_BYTES N_ROWS AHEAD THREADS [MATRIX_ROWS]      e.g. 2304 1100 8 2 11008
+ *   /tmp/scattered_read ROW_BYTES N_ROWS AHEAD THREADS [MATRIX_ROWS [DISJOINT]]   e.g. 2304 1100 8 2 11008 1
+ *
+ * DISJOINT = 1 draws a repeat's sets as disjoint slices of one permutation (what the kernel suite's
+ * benchmarks do): no set finds another's rows in L3. With 0 (the default) each set is drawn on its own,
+ * and on a matrix that fits in L3 later sets hit earlier sets' rows, which overstates the bandwidth.
+ * ci/bench_kernels.py runs it beside the sparse kernels (test_plain_scattered_read).
  */
 #include <immintrin.h>
 #include <pthread.h>
@@ -66,13 +71,14 @@ static void *worker(void *p) {
 static int by_value(const void *a, const void *b) { return *(const int32_t *)a - *(const int32_t *)b; }
 
 int main(int argc, char **argv) {
-    if (argc != 5 && argc != 6) {
-        fprintf(stderr, "usage: %s ROW_BYTES N_ROWS AHEAD THREADS [MATRIX_ROWS]\n", argv[0]);
+    if (argc < 5 || argc > 7) {
+        fprintf(stderr, "usage: %s ROW_BYTES N_ROWS AHEAD THREADS [MATRIX_ROWS [DISJOINT]]\n", argv[0]);
         return 2;
     }
+    const int disjoint = argc == 7 && atoi(argv[6]) != 0;
     row_bytes = atoll(argv[1]); n_idx = atoll(argv[2]); ahead = atoll(argv[3]);
     int nth = atoi(argv[4]);
-    const int64_t matrix_rows = argc == 6 ? atoll(argv[5]) : 11008;
+    const int64_t matrix_rows = argc >= 6 ? atoll(argv[5]) : 11008;
     const size_t flush_bytes = (size_t)200 << 20;
     if (row_bytes < 64 || n_idx < 1 || nth < 1 || nth > 64 || matrix_rows < 1 || matrix_rows > INT32_MAX ||
         row_bytes > ((int64_t)1 << 40) / matrix_rows) {
@@ -85,7 +91,9 @@ int main(int argc, char **argv) {
     buf = aligned_alloc((size_t)2 << 20, size);
     uint8_t *flush = malloc(flush_bytes);
     idx = malloc((size_t)n_idx * SETS * sizeof(int32_t));
-    if (!buf || !flush || !idx) { fprintf(stderr, "out of memory\n"); return 1; }
+    int32_t *perm = malloc((size_t)n_rows_total * sizeof(int32_t));
+    if (!buf || !flush || !idx || !perm) { fprintf(stderr, "out of memory\n"); return 1; }
+    for (int64_t i = 0; i < n_rows_total; i++) perm[i] = (int32_t)i;
     madvise(buf, size, MADV_HUGEPAGE);
     memset(buf, 1, size);
     memset(flush, 0, flush_bytes);
@@ -98,9 +106,18 @@ int main(int argc, char **argv) {
     double total = 0, best = 1e9;
     const int reps = 20;
     for (int rep = 0; rep < reps; rep++) {
+        if (disjoint) /* a fresh permutation; set k takes its slice k (wrapping past SETS * N_ROWS > rows) */
+            for (int64_t i = n_rows_total - 1; i > 0; i--) {
+                const int64_t j = (int64_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)(i + 1));
+                const int32_t t = perm[i];
+                perm[i] = perm[j];
+                perm[j] = t;
+            }
         for (int set = 0; set < SETS; set++) {
             int32_t *one = idx + set * n_idx;
-            for (int64_t i = 0; i < n_idx; i++) one[i] = (int32_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)n_rows_total);
+            for (int64_t i = 0; i < n_idx; i++)
+                one[i] = disjoint ? perm[(set * n_idx + i) % n_rows_total]
+                                  : (int32_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)n_rows_total);
             qsort(one, (size_t)n_idx, sizeof(int32_t), by_value);
         }
         volatile uint64_t f = 0;
