@@ -87,6 +87,23 @@ def test_used_only_where_it_computes_the_same(models):
     assert m._decode_step() is None
 
 
+def test_a_changed_threshold_is_taken(models):
+    """Assigning a layer's threshold after decoding has started rebuilds the step with it."""
+    runs = []
+    for native_decode in (True, False):
+        m = pi_backend.load(models["f16"], n_ctx=64, native_decode=native_decode)
+        m.forward(TOKENS[:4])
+        first = m.forward([TOKENS[4]])
+        for f in m.ffn:
+            f.threshold += 2.0
+        runs.append((first, m.forward([TOKENS[5]]), [f.stats.listed for f in m.ffn]))
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2]
+    fresh = pi_backend.load(models["f16"], n_ctx=64)
+    fresh.forward(TOKENS[:5])
+    assert not np.array_equal(fresh.forward([TOKENS[5]]), runs[0][1])  # the new threshold changed the step
+
+
 def _layer(m, i=0, **change):
     lw, f = m.weights.layers[i], m.ffn[i]
     args = dict(attn_norm=lw.attn_norm, wq=lw.wq, wk=lw.wk, wv=lw.wv, wo=lw.wo, ffn_norm=lw.ffn_norm, gate=lw.gate,

@@ -175,7 +175,7 @@ class Model:
         kv = KV_TYPES[self.options.kv_type]
         self.state = RunState(np.zeros(shape, kv), np.zeros(shape, kv))
         self._tokenizer = None
-        self._decode = None  # (the FFN list and caches it was built from, DecodeStep or None)
+        self._decode = None  # (the FFN list and caches it was built from, their rules, DecodeStep or None)
         if self.use_gpu and self.placement is not None and cfg.arch != "falcon":
             self.device_layers = self._offload_dense()
 
@@ -362,16 +362,19 @@ class Model:
         """The one-call native decode step, where it computes exactly what the pass below does for one
         token: llama layers all on the CPU, every FFN a plain SparseFFN on the fused kernel (no hot
         partition, not dense mode's explicit path, not wrapped by the tools that observe FFN calls).
-        Built on first use from the FFN list and caches of the moment; rebuilt if either is replaced."""
+        Built on first use from the FFN list and caches of the moment; rebuilt if either is replaced or
+        a layer's mode, threshold or partition changes (a few us a step, against ~15 crossings a layer)."""
         key = (self.ffn, self.state.k, self.state.v)
-        if self._decode is not None and all(a is b for a, b in zip(self._decode[0], key)):
-            return self._decode[1]
+        rules = [(f.mode, f.threshold, f.hot_mask is None) if type(f) is SparseFFN else None for f in self.ffn]
+        if self._decode is not None and all(a is b for a, b in zip(self._decode[0], key)) \
+                and self._decode[1] == rules:
+            return self._decode[2]
         step = None
         if self.options.native_decode and self.config.arch != "falcon" and self.device_layers is None and all(
                 type(f) is SparseFFN and f.hot_mask is None and f.mode != "dense" and f.weights.down_t is not None
                 for f in self.ffn):
             step = self._build_decode_step()
-        self._decode = (key, step)
+        self._decode = (key, rules, step)
         return step
 
     def _build_decode_step(self) -> DecodeStep:
