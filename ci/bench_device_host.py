@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,23 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from ci import ctools
+
 TOKENS = [1, 84, 104, 101, 32, 99, 97, 116]
 N_STEPS = 32
 
 
-def _null_library() -> Path | None:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    out = Path(tempfile.mkdtemp(prefix="pi_null_device_")) / "libpi_null_device.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(out),
-                    str(HERE / "tools" / "null_device.c")], check=True)
-    return out
-
-
 # the device library is chosen once per process, at the first device.default(): set it before any load
-_LIB = _null_library()
+_LIB = ctools.build("null_device.c", "libpi_null_device.so", ["-O2", "-shared", "-fPIC", "-fvisibility=hidden"])
 if _LIB is not None:
     os.environ["PI_BACKEND_DEVICE_LIB"] = str(_LIB)
 

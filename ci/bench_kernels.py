@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ci import ctools
 from pi_backend import native
 from tests.native_helpers import make_matrix
 
@@ -157,14 +156,8 @@ def test_sparse_ffn_batch_f16(benchmark, n_tok):
 
 
 @functools.lru_cache(maxsize=None)
-def _scattered_read_tool() -> str | None:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    out = Path(tempfile.mkdtemp(prefix="pi_scattered_read_")) / "scattered_read"
-    subprocess.run([cc, "-O2", "-mavx2", "-o", str(out), str(Path(__file__).parent / "tools" / "scattered_read.c"),
-                    "-lpthread"], check=True)
-    return str(out)
+def _scattered_read_tool() -> Path | None:
+    return ctools.build("scattered_read.c", "scattered_read", ["-O2", "-mavx2", "-pthread"])
 
 
 @pytest.mark.parametrize("tname", ["F16", "Q4_0"])

@@ -70,6 +70,8 @@ static void *worker(void *p) {
 
 static int by_value(const void *a, const void *b) { return *(const int32_t *)a - *(const int32_t *)b; }
 
+static int64_t rand_below(int64_t n) { return (int64_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)n); }
+
 int main(int argc, char **argv) {
     if (argc < 5 || argc > 7) {
         fprintf(stderr, "usage: %s ROW_BYTES N_ROWS AHEAD THREADS [MATRIX_ROWS [DISJOINT]]\n", argv[0]);
@@ -108,7 +110,7 @@ int main(int argc, char **argv) {
     for (int rep = 0; rep < reps; rep++) {
         if (disjoint) /* a fresh permutation; set k takes its slice k (wrapping past SETS * N_ROWS > rows) */
             for (int64_t i = n_rows_total - 1; i > 0; i--) {
-                const int64_t j = (int64_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)(i + 1));
+                const int64_t j = rand_below(i + 1);
                 const int32_t t = perm[i];
                 perm[i] = perm[j];
                 perm[j] = t;
@@ -116,8 +118,7 @@ int main(int argc, char **argv) {
         for (int set = 0; set < SETS; set++) {
             int32_t *one = idx + set * n_idx;
             for (int64_t i = 0; i < n_idx; i++)
-                one[i] = disjoint ? perm[(set * n_idx + i) % n_rows_total]
-                                  : (int32_t)(((uint64_t)rand() * 2654435761u) % (uint64_t)n_rows_total);
+                one[i] = disjoint ? perm[(set * n_idx + i) % n_rows_total] : (int32_t)rand_below(n_rows_total);
             qsort(one, (size_t)n_idx, sizeof(int32_t), by_value);
         }
         volatile uint64_t f = 0;

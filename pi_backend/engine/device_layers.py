@@ -303,10 +303,7 @@ class DeviceLayers:
                 dev.add(x, self._buf("y", T, cfg.n_embd).copy_from(y, st), stream=st)
 
             self._segment((li, "cold", x._ptr) if T == 1 else None, add_cold)
-        f.stats.calls += 1
-        f.stats.listed += n_hot + cold.size
-        f.stats.computed += n_hot + cold.size - skipped
-        f.stats.hot_listed += n_hot
+        f.stats.record(n_hot + cold.size, n_hot + cold.size - skipped, n_hot)
 
     def logits(self, x: DeviceArray) -> np.ndarray:
         """The output head on the device for the rows of x; the logits come back (a sync)."""

@@ -40,6 +40,13 @@ class FFNStats:
     def reset(self) -> None:
         self.calls = self.listed = self.computed = self.hot_listed = 0
 
+    def record(self, listed: int, computed: int, hot_listed: int = 0) -> None:
+        """One call of the layer: the neurons listed, those whose rows were read, the hot ones listed."""
+        self.calls += 1
+        self.listed += listed
+        self.computed += computed
+        self.hot_listed += hot_listed
+
     @property
     def computed_fraction(self) -> float:
         return self.computed / max(1, self.calls * self.n_ff)
@@ -103,6 +110,7 @@ class SparseFFN:
         skip = self.threshold if self.mode == "threshold" else 0.0
         y = np.empty_like(x)
         idx, mask = self.predicted(ffn_inp)
+        hot_listed = 0
         if self.weights.down_t is None or self.mode == "dense":
             computed = self._explicit(idx, x, y)
         elif self.hot_mask is None:
@@ -121,10 +129,8 @@ class SparseFFN:
             finally:
                 hot_skipped = self.hot.wait(handle, y, True)
             computed += hot_idx.size - hot_skipped
-            self.stats.hot_listed += hot_idx.size
-        self.stats.calls += 1
-        self.stats.listed += idx.size
-        self.stats.computed += computed
+            hot_listed = hot_idx.size
+        self.stats.record(idx.size, computed, hot_listed)
         return y
 
     def _explicit(self, idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:

@@ -319,9 +319,7 @@ class Model:
             logits, counts = step(int(ids[0]), st.n_past, n_threads=self.n_threads)
             st.n_past += 1
             for f, (listed, skipped) in zip(self.ffn, counts.tolist()):
-                f.stats.calls += 1
-                f.stats.listed += listed
-                f.stats.computed += listed - skipped
+                f.stats.record(listed, listed - skipped)
             return logits
         pos = np.arange(st.n_past, st.n_past + T, dtype=np.int32)
         if cfg.arch == "falcon":  # LayerNorm, fused QKV, parallel attention + FFN, NeoX RoPE

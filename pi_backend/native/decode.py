@@ -77,19 +77,16 @@ class DecodeStep:
         if head_dim == 0 or not (0 < n_rot <= head_dim and n_rot % 2 == 0):
             raise ValueError(f"n_rot: must be even and in (0, {head_dim}], got {n_rot!r}")
         n_ff = _matrix(layers[0].up, "layers[0].up").rows
-        cache0 = layers[0].k_cache
-        kv_shape = (n_head_kv, getattr(cache0, "shape", (0, 0))[1] if np.ndim(cache0) == 3 else 0, head_dim)
-        self.kv_dtype = getattr(cache0, "dtype", None)
-        if self.kv_dtype not in KV_TYPE_IDS or kv_shape[1] == 0:
-            raise TypeError("layers[0].k_cache: expected a float32 / float16 array [n_head_kv, kv_rows, head_dim]")
+        cache0 = _require(layers[0].k_cache, "layers[0].k_cache", (np.float32, np.float16), ndim=3)
+        self.kv_dtype, self.kv_rows = cache0.dtype, cache0.shape[1]
+        kv_shape = (n_head_kv, self.kv_rows, head_dim)  # every layer's caches (checked in _describe)
         self.layers = list(layers)
         self._c_layers = ffi.new("pi_decode_layer[]", len(layers))
         for i, (L, c) in enumerate(zip(self.layers, self._c_layers)):
             self._describe(L, c, f"layers[{i}]", n_embd, n_head * head_dim, n_head_kv * head_dim, n_ff, act,
                            kv_shape)
-        self.kv_rows = kv_shape[1]
-        self.n_vocab = output.rows
-        self._keep = (token_embd, output)
+        self.n_vocab, self.n_tokens = output.rows, token_embd.rows
+        self._keep = (token_embd, output)  # their descriptors are in the C struct
         self._c = ffi.new("pi_decode_model *", dict(
             n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, n_rot=n_rot,
             kv_rows=self.kv_rows, norm_eps=float(norm_eps), rope_freq_base=float(rope_freq_base),
@@ -132,8 +129,8 @@ class DecodeStep:
             setattr(c, cache, _f(a, "void *"))
 
     def __call__(self, token: int, n_past: int, n_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= token < self._keep[0].rows:
-            raise ValueError(f"token: id {token} outside [0, {self._keep[0].rows})")
+        if not 0 <= token < self.n_tokens:
+            raise ValueError(f"token: id {token} outside [0, {self.n_tokens})")
         if not 0 <= n_past < self.kv_rows:
             raise ValueError(f"n_past: {n_past} cached leaves no room in the cache's {self.kv_rows} rows")
         logits = np.empty((1, self.n_vocab), np.float32)

@@ -57,8 +57,9 @@ static int check_model(const pi_decode_model *m) {
 }
 
 /* one layer: x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)), as Model.forward does it for one token */
+/* idx: room for the predictor's set; all: every neuron's id (layers without a predictor) */
 static int decode_layer(const pi_decode_model *m, const pi_decode_layer *L, float *x, int64_t n_past, float *s,
-                        int32_t *idx, int64_t *count, int nt) {
+                        int32_t *idx, const int32_t *all, int64_t *count, int nt) {
     const int64_t e = m->n_embd, qd = m->n_head * m->head_dim, kvd = m->n_head_kv * m->head_dim;
     float *h = s, *q = h + e, *k = q + qd, *v = k + kvd, *att = v + kvd, *o = att + qd;
     const int32_t pos = (int32_t)n_past;
@@ -77,13 +78,9 @@ static int decode_layer(const pi_decode_model *m, const pi_decode_layer *L, floa
     /* the FFN: the predictor reads the residual stream, the kernel its norm (h); y = o's room */
     if ((rc = pi_rmsnorm(x, L->ffn_norm, 1, e, m->norm_eps, h))) return rc;
     int64_t n_idx = m->n_ff, skipped = 0;
-    if (L->fc1) {
-        if ((rc = pi_predict(L->fc1, L->fc2, x, 1, L->threshold, idx, m->n_ff, &n_idx, NULL, nt))) return rc;
-    } else {
-        for (int64_t i = 0; i < m->n_ff; i++) idx[i] = (int32_t)i;
-    }
-    if ((rc = pi_sparse_ffn(L->gate, L->up, L->down_t, m->act, idx, n_idx, NULL, h, 1, o, 0, L->skip_threshold,
-                            &skipped, nt)))
+    if (L->fc1 && (rc = pi_predict(L->fc1, L->fc2, x, 1, L->threshold, idx, m->n_ff, &n_idx, NULL, nt))) return rc;
+    if ((rc = pi_sparse_ffn(L->gate, L->up, L->down_t, m->act, L->fc1 ? idx : all, n_idx, NULL, h, 1, o, 0,
+                            L->skip_threshold, &skipped, nt)))
         return rc;
     for (int64_t i = 0; i < e; i++) x[i] += o[i];
     count[0] = n_idx;
@@ -99,13 +96,18 @@ int pi_decode_step(const pi_decode_model *m, int32_t token, int64_t n_past, floa
     if (token < 0 || token >= m->token_embd->rows) return PI_ERR_INDEX;
     if (n_past < 0 || n_past >= m->kv_rows) return PI_ERR_SHAPE;
     const int64_t e = m->n_embd, qd = m->n_head * m->head_dim, kvd = m->n_head_kv * m->head_dim;
-    /* x, then the layer's scratch: h, q, k, v, att, o; then the index list */
+    /* x, then the layer's scratch: h, q, k, v, att, o; the predicted set, then every neuron's id */
     float *x = malloc((size_t)(2 * e + 2 * qd + 2 * kvd + e) * sizeof(float));
-    int32_t *idx = malloc((size_t)m->n_ff * sizeof(int32_t));
+    int32_t *idx = malloc((size_t)m->n_ff * 2 * sizeof(int32_t)), *all = idx ? idx + m->n_ff : NULL;
     if (!x || !idx) { free(x); free(idx); return PI_ERR_NOMEM; }
+    for (int32_t i = 0; i < m->n_layer; i++)
+        if (!m->layers[i].fc1) { /* some layer lists every neuron: the list, once a step */
+            for (int64_t j = 0; j < m->n_ff; j++) all[j] = (int32_t)j;
+            break;
+        }
     rc = pi_dequantize_rows(m->token_embd, &token, 1, x);
     for (int32_t i = 0; i < m->n_layer && !rc; i++)
-        rc = decode_layer(m, &m->layers[i], x, n_past, x + e, idx, counts + 2 * i, n_threads);
+        rc = decode_layer(m, &m->layers[i], x, n_past, x + e, idx, all, counts + 2 * i, n_threads);
     if (!rc && !(rc = pi_rmsnorm(x, m->output_norm, 1, e, m->norm_eps, x + e)))
         rc = pi_gemm(m->output, x + e, 1, logits, n_threads);
     free(x);
